@@ -1,0 +1,198 @@
+"""Frozen configuration dataclasses, one per concern (see ../shared/DESIGN.md).
+
+Each part of the stack receives only its own sub-config. Derived values are properties, never
+mutated fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+ConfidenceMeasure = Literal["max_prob", "top2_margin"]
+ExitHeadKind = Literal["shared", "trained"]
+ExitPolicy = Literal["paper", "per_sequence"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama 2/3, SmolLM2, Qwen2-style q/k/v bias).
+
+    Built from a Hugging Face config with :meth:`from_hf_config`.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_model_len: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    dtype: str = "float32"
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+    # The HF config object itself (used for RoPE init functions); excluded from eq/hash.
+    hf_config: object = field(default=None, compare=False, repr=False)
+
+    SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+
+    @classmethod
+    def from_hf_config(cls, hf_config, dtype: str = "float32", max_model_len: Optional[int] = None) -> "ModelConfig":
+        """Build from a ``transformers`` ``PretrainedConfig``.
+
+        Raises:
+            ValueError: the architecture (``model_type``) is not a supported Llama-family decoder.
+        """
+        mt = getattr(hf_config, "model_type", None)
+        if mt not in cls.SUPPORTED_TYPES:
+            raise ValueError(
+                f"model: unsupported architecture {mt!r}; supported model_type values: {cls.SUPPORTED_TYPES}"
+            )
+        nh = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // nh
+        eos = hf_config.eos_token_id
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        attention_bias = bool(getattr(hf_config, "attention_bias", mt == "qwen2"))
+        limit = int(getattr(hf_config, "max_position_embeddings", 2048))
+        return cls(
+            model_type=mt,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=nh,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or nh,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            max_model_len=min(max_model_len or limit, limit),
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            dtype=dtype,
+            bos_token_id=getattr(hf_config, "bos_token_id", None),
+            eos_token_ids=eos_ids,
+            hf_config=hf_config,
+        )
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 2 if self.dtype in ("bfloat16", "float16") else 4
+
+    def kv_bytes_per_token(self, tensor_parallel_size: int = 1) -> int:
+        """Bytes of K and V for one token over all layers on one tensor-parallel rank."""
+        kv_heads = self.num_kv_heads // tensor_parallel_size
+        return 2 * self.num_layers * kv_heads * self.head_dim * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache shape.
+
+    ``num_blocks=None`` derives the count from ``kv_cache_memory_bytes`` (per tensor-parallel rank).
+    """
+
+    block_size: int = 16
+    num_blocks: Optional[int] = None
+    kv_cache_memory_bytes: int = 1 << 30
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+    def resolve_num_blocks(self, model: ModelConfig, tensor_parallel_size: int = 1) -> int:
+        """Number of KV blocks: ``num_blocks`` if set, else the memory budget divided by block bytes."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        per_block = model.kv_bytes_per_token(tensor_parallel_size) * self.block_size
+        return max(1, self.kv_cache_memory_bytes // per_block)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Iteration-level scheduler limits (vLLM names)."""
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism. ``backend=None`` picks NCCL on CUDA and gloo on CPU."""
+
+    tensor_parallel_size: int = 1
+    backend: Optional[str] = None
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+    @property
+    def dist_backend(self) -> str:
+        return self.backend or ("nccl" if self.device.startswith("cuda") else "gloo")
+
+
+@dataclass(frozen=True)
+class ExitConfig:
+    """Early-exit settings (arXiv 2407.20272).
+
+    Attributes:
+        exit_layers: 1-based layer counts after which a token may exit (exit layer ``l`` means the
+            hidden state after ``l`` decoder layers). The final layer is always an implicit exit.
+        head: ``shared`` uses the final norm + LM head at every exit (LayerSkip style);
+            ``trained`` loads per-exit heads from ``heads_path``.
+        confidence: ``max_prob`` (max softmax probability) or ``top2_margin`` (top-1 minus top-2
+            probability).
+        threshold: a token exits at the first exit layer whose confidence is >= threshold.
+        policy: ``paper``: the batch runs layer by layer and leaves the full computation only once
+            every sequence is confident; ``per_sequence``: confident sequences leave at once and only
+            receive KV fill.
+    """
+
+    exit_layers: tuple[int, ...] = ()
+    head: ExitHeadKind = "shared"
+    heads_path: Optional[str] = None
+    confidence: ConfidenceMeasure = "max_prob"
+    threshold: float = 0.9
+    policy: ExitPolicy = "paper"
+
+    def __post_init__(self):
+        if self.confidence not in ("max_prob", "top2_margin"):
+            raise ValueError(f"confidence must be 'max_prob' or 'top2_margin', got {self.confidence!r}")
+        if self.head not in ("shared", "trained"):
+            raise ValueError(f"head must be 'shared' or 'trained', got {self.head!r}")
+        if self.policy not in ("paper", "per_sequence"):
+            raise ValueError(f"policy must be 'paper' or 'per_sequence', got {self.policy!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if list(self.exit_layers) != sorted(set(self.exit_layers)) or any(l < 1 for l in self.exit_layers):
+            raise ValueError(f"exit_layers must be strictly increasing layer counts >= 1, got {self.exit_layers}")
+        if self.head == "trained" and not self.heads_path:
+            raise ValueError("heads_path is required when head='trained'")
+
+    def validate_for(self, num_layers: int) -> None:
+        """Raises ValueError if an exit layer is not below ``num_layers``."""
+        bad = [l for l in self.exit_layers if l >= num_layers]
+        if bad:
+            raise ValueError(f"exit_layers {bad} must be < num_layers ({num_layers})")
+
+    @classmethod
+    def default_for(cls, num_layers: int, **overrides) -> "ExitConfig":
+        """Exit points every quarter of the depth (e.g. 30 layers -> 8, 15, 23)."""
+        layers = tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} - {num_layers}))
+        return cls(exit_layers=layers, **overrides)

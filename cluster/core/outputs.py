@@ -1,0 +1,58 @@
+"""Typed messages between the scheduler (driver) and the model runner (every tensor-parallel rank).
+
+Pure Python so they pickle cheaply to Ray actors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.sampling import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of an iteration."""
+
+    request_id: str
+    # token ids whose KV is computed this iteration: all_token_ids[start_position:start_position+len]
+    token_ids: list[int]
+    # position of token_ids[0] in the sequence (= num_computed_tokens before this iteration)
+    start_position: int
+    # physical KV block ids covering positions [0, start_position + len(token_ids)), in order
+    block_table: list[int]
+    # True when this chunk reaches the end of the request's tokens, so one new token is sampled
+    sample: bool
+    # True for a decode step (one token, past the prompt): the token may exit early.
+    # Prefill chunks (including recompute after preemption) always run at full depth.
+    exit_eligible: bool
+    sampling_params: SamplingParams
+    # per-request early-exit threshold override (None: engine default; a value > 1 disables exits)
+    exit_threshold: float | None = None
+
+
+@dataclass
+class SchedulerOutput:
+    """What the next iteration computes. Decode requests come first, then prefill chunks."""
+
+    # requests of this iteration, decodes (exit_eligible) first, then prefill chunks
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # total tokens of this iteration (<= max_num_batched_tokens)
+    num_batched_tokens: int = 0
+    # requests preempted (blocks freed, recompute later) while building this iteration
+    preempted_req_ids: list[str] = field(default_factory=list)
+    # requests finished or aborted since the previous schedule(): workers drop their per-request state
+    finished_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Rank 0's result of one iteration: one sampled token per request with ``sample=True``."""
+
+    # request_id -> sampled token id
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    # request_id -> exit layer (1-based count of decoder layers run; num_layers for the full model)
+    exit_layers: dict[str, int] = field(default_factory=dict)
