@@ -1,0 +1,268 @@
+"""Iteration-level scheduler with continuous batching, chunked prefill and preemption (no torch).
+
+After vLLM v1's ``Scheduler`` and nano-vllm's ``Scheduler``. One rule covers prefill and decode:
+each iteration a request's ``num_computed_tokens`` catches up with its ``num_tokens`` (prompt +
+output), limited by the token budget ``max_num_batched_tokens``. Requests join and leave between
+iterations. The engine loop is ``schedule() -> run the model -> update()``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional, Union
+
+from cluster.config import CacheConfig, SchedulerConfig
+from cluster.core.block_manager import BlockManager
+from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from cluster.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Chooses each iteration's batch and applies its results.
+
+    Args:
+        scheduler_config: limits ``max_num_seqs``, ``max_num_batched_tokens`` (tokens per iteration)
+            and ``max_model_len`` (prompt + output tokens per request).
+        cache_config: ``block_size`` and ``enable_prefix_caching`` of the paged KV cache.
+        num_blocks: number of physical KV blocks (resolved by the engine).
+    """
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+        self.config = scheduler_config
+        self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: list[str] = []
+
+    # ------------------------------------------------------------------ requests in
+    def add_request(self, request: Request) -> None:
+        """Queue a request (FIFO) for scheduling.
+
+        Raises:
+            ValueError: empty prompt; ``num_prompt_tokens >= max_model_len`` (no room for one output
+                token); a request that could not fit in the whole KV cache even alone (its longest
+                possible sequence needs more blocks than exist); a duplicate ``request_id``.
+        """
+        n = request.num_prompt_tokens
+        max_len = self.config.max_model_len
+        if n == 0:
+            raise ValueError(f"prompt: request {request.request_id!r} has an empty prompt (0 tokens)")
+        if n >= max_len:
+            raise ValueError(
+                f"prompt: {n} tokens exceeds max_model_len {max_len} minus 1 "
+                f"(a prompt must leave room for at least one generated token)"
+            )
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
+        bm = self.block_manager
+        # the last sampled token's KV is never computed, hence the -1
+        max_kv = min(n + request.sampling_params.max_tokens, max_len) - 1
+        capacity = bm.num_blocks * bm.block_size
+        if max_kv > capacity:
+            raise ValueError(
+                f"prompt: {n} tokens + max_tokens {request.sampling_params.max_tokens} need up to "
+                f"{max_kv} KV slots but the KV cache holds only {capacity} "
+                f"({bm.num_blocks} blocks x {bm.block_size}); lower max_tokens or the prompt length"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    # ------------------------------------------------------------------ one iteration
+    def schedule(self) -> SchedulerOutput:
+        """Build the next iteration (does not advance ``num_computed_tokens``; :meth:`update` does).
+
+        Running requests go first, in order, each getting ``min(num_tokens - num_computed_tokens,
+        remaining budget)`` tokens. When their blocks do not fit, the last running request is
+        preempted (blocks freed, recomputed later from the front of the waiting queue) and the
+        allocation is retried. Then, if nothing was preempted, waiting requests are admitted FIFO
+        while ``len(running) < max_num_seqs`` and budget remains, skipping prompt tokens found in the
+        prefix cache; long prompts are prefilled in chunks over several iterations. A waiting
+        request that does not fit stops admission (no preemption for admission).
+
+        Returns:
+            A :class:`SchedulerOutput`: decodes first, then prefill chunks; ``num_batched_tokens`` <=
+            ``max_num_batched_tokens``; the ids preempted now and finished since the last call.
+        """
+        bm = self.block_manager
+        budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while bm.allocate_slots(req, n) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break  # it preempted itself: lower-priority requests are already gone
+            chosen.append((req, n))
+            budget -= n
+            i += 1
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            blocks, num_cached = bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else ([], 0)
+            n = min(req.num_tokens - num_cached, budget)
+            req.num_computed_tokens = num_cached
+            if bm.allocate_slots(req, n, blocks) is None:
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            if req.status == RequestStatus.WAITING:  # first scheduling (not a resumed preemption)
+                req.num_cached_tokens = num_cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            chosen.append((req, n))
+            budget -= n
+
+        scheduled = [self._make_scheduled(req, n) for req, n in chosen]
+        scheduled.sort(key=lambda s: not s.exit_eligible)  # stable: decodes first
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            preempted_req_ids=preempted,
+            finished_req_ids=finished,
+        )
+
+    def _make_scheduled(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        sample = start + n == req.num_tokens
+        return ScheduledRequest(
+            request_id=req.request_id,
+            token_ids=req.all_token_ids[start:start + n],
+            start_position=start,
+            block_table=list(self.block_manager.get_block_table(req.request_id)),
+            sample=sample,
+            # a 1-token chunk past the prompt that is not the last token is recompute: full depth
+            exit_eligible=n == 1 and start >= req.num_prompt_tokens and sample,
+            sampling_params=req.sampling_params,
+            exit_threshold=req.exit_threshold,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ results in
+    def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
+        """Apply one iteration's results.
+
+        Advances ``num_computed_tokens`` of each scheduled request still running, registers newly
+        full prompt blocks in the prefix cache, appends sampled tokens (and exit layers; 0 when the
+        runner reported none) and checks stop conditions in order: EOS (unless ``ignore_eos``),
+        ``stop_token_ids`` (``stop_reason`` = the token), ``max_tokens``, ``max_model_len``.
+        Finished requests free their blocks and leave the scheduler.
+
+        Returns:
+            The requests that received a new token this iteration, finished or not.
+        """
+        out: list[Request] = []
+        any_finished = False
+        for sr in scheduler_output.scheduled:
+            req = self.requests.get(sr.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted (or finished) between schedule() and update()
+            req.num_computed_tokens += len(sr.token_ids)
+            self.block_manager.cache_full_blocks(req)
+            if not sr.sample or req.request_id not in runner_output.sampled_token_ids:
+                continue
+            token = int(runner_output.sampled_token_ids[req.request_id])
+            req.output_token_ids.append(token)
+            req.exit_layers.append(int(runner_output.exit_layers.get(req.request_id, 0)))
+            status = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status)
+                any_finished = True
+            out.append(req)
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return out
+
+    def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
+        params = req.sampling_params
+        if token in req.eos_token_ids and not params.ignore_eos:
+            req.stop_reason = None
+            return RequestStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        """Mark finished, free blocks, forget the request (caller removes it from running/waiting)."""
+        req.status = status
+        self.block_manager.free(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.append(req.request_id)
+
+    def finish_requests(self, request_ids: Union[str, Iterable[str]], status: RequestStatus) -> None:
+        """Finish running or waiting requests from outside: abort (``FINISHED_ABORTED``) or a stop
+        string found by the detokenizer (``FINISHED_STOPPED``). Frees their blocks; unknown or
+        already finished ids are ignored.
+
+        Raises:
+            ValueError: ``status`` is not a finished status.
+        """
+        if not RequestStatus.is_finished(status):
+            raise ValueError(f"status must be a finished status, got {status!r}")
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        gone: set[str] = set()
+        for rid in ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status != RequestStatus.RUNNING:
+                self.waiting.remove(req)
+            gone.add(rid)
+            self._finish(req, status)
+        if gone:
+            self.running = [r for r in self.running if r.request_id not in gone]
+
+    # ------------------------------------------------------------------ state
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def get_request(self, request_id: str) -> Optional[Request]:
+        """The unfinished request with this id, or ``None`` (finished requests are forgotten)."""
+        return self.requests.get(request_id)
+
+    @property
+    def stats(self) -> dict:
+        """Counters for metrics: queue lengths, KV usage (0..1), free blocks, prefix cache blocks
+        hit / queried, and preemptions since start."""
+        bm = self.block_manager
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "kv_usage": bm.usage,
+            "num_free_blocks": bm.num_free_blocks,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "num_preemptions": self.num_preemptions,
+        }

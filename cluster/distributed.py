@@ -1,0 +1,75 @@
+"""Tensor-parallel process-group state and collectives.
+
+With ``tensor_parallel_size == 1`` no process group exists and every collective is the identity.
+With N > 1, ranks join a ``torch.distributed`` group (NCCL on CUDA, gloo on CPU) through
+:func:`init_tensor_parallel`; the address and port come from the caller (found at run time).
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPState:
+    rank: int = 0
+    size: int = 1
+
+
+_STATE = TPState()
+
+
+def tp_rank() -> int:
+    return _STATE.rank
+
+
+def tp_size() -> int:
+    return _STATE.size
+
+
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> None:
+    """Join the tensor-parallel group (one process per rank).
+
+    Args:
+        init_method: ``tcp://host:port`` of rank 0, e.g. from :func:`free_tcp_address`.
+        backend: ``nccl`` (CUDA) or ``gloo`` (CPU).
+    """
+    global _STATE
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank)
+    _STATE = TPState(rank=rank, size=world_size)
+
+
+def destroy_tensor_parallel() -> None:
+    global _STATE
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE = TPState()
+
+
+def free_tcp_address(host: str | None = None) -> str:
+    """A ``tcp://ip:port`` on this host with a port the OS reports free (never hard-coded)."""
+    host = host or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    return f"tcp://{host}:{port}"
+
+
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over the tensor-parallel group (identity at size 1)."""
+    if _STATE.size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along the last dimension: ``[..., d] -> [..., d * size]``."""
+    if _STATE.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_STATE.size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,89 @@
+"""Attention over a paged KV cache (PagedAttention, Kwon et al. SOSP 2023), in plain PyTorch.
+
+Layout of one iteration's flattened tokens: ``D`` decode tokens (one per sequence) first, then the
+prefill chunks back to back. The cache of one layer is ``k_cache, v_cache: [num_blocks, block_size,
+KVH_local, d]``; a token at position ``p`` of a sequence lives in slot
+``block_table[p // block_size] * block_size + p % block_size``.
+
+Decodes run as one batched SDPA call over block-table gathers (padded, masked by context length);
+each prefill chunk runs as one causal SDPA call over its gathered prefix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    token_start: int  # index of the chunk's first token in the flattened batch
+    num_tokens: int
+    start_position: int  # sequence position of the chunk's first token
+    block_table: torch.Tensor  # [num_blocks_of_seq] long
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V go and what each query attends to."""
+
+    slot_mapping: torch.Tensor  # [T] long, flat cache slot of every token
+    num_decodes: int  # D: tokens [0, D) are decode tokens
+    decode_block_tables: torch.Tensor  # [D, max_blocks] long (padded with 0)
+    decode_context_lens: torch.Tensor  # [D] long, tokens visible to each decode query (incl. itself)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    def select_decodes(self, rows: torch.Tensor) -> "AttentionMetadata":
+        """Metadata for a subset of decode rows (indices into ``[0, D)``) plus all prefill tokens.
+
+        The selected batch is ``[decode rows..., prefill tokens...]``; prefill token starts shift.
+        """
+        shift = self.num_decodes - rows.numel()
+        prefills = [PrefillChunk(p.token_start - shift, p.num_tokens, p.start_position, p.block_table)
+                    for p in self.prefills]
+        keep = torch.cat([rows, torch.arange(self.num_decodes, self.slot_mapping.numel())])
+        return AttentionMetadata(self.slot_mapping[keep], rows.numel(), self.decode_block_tables[rows],
+                                 self.decode_context_lens[rows], prefills)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store ``k, v: [T, KVH, d]`` at their slots."""
+    kvh, d = k_cache.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention of ``q: [T, H, d]`` over the cache (which already holds this step's K/V).
+
+    Returns ``[T, H, d]``. Grouped-query attention: ``H`` must be a multiple of ``KVH``.
+    """
+    out = torch.empty_like(q)
+    _, bs, kvh, d = k_cache.shape
+    D = meta.num_decodes
+    if D:
+        bt = meta.decode_block_tables
+        S = bt.shape[1] * bs
+        k = k_cache[bt].view(D, S, kvh, d).transpose(1, 2)
+        v = v_cache[bt].view(D, S, kvh, d).transpose(1, 2)
+        mask = (torch.arange(S) < meta.decode_context_lens.unsqueeze(1)).view(D, 1, 1, S)
+        o = F.scaled_dot_product_attention(q[:D].unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+        out[:D] = o.squeeze(2)
+    for p in meta.prefills:
+        n, ctx = p.num_tokens, p.start_position + p.num_tokens
+        k = k_cache[p.block_table].view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        v = v_cache[p.block_table].view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        qc = q[p.token_start:p.token_start + n].transpose(0, 1).unsqueeze(0)
+        if p.start_position == 0:
+            o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            qpos = torch.arange(p.start_position, ctx).unsqueeze(1)
+            mask = torch.arange(ctx).unsqueeze(0) <= qpos
+            o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[p.token_start:p.token_start + n] = o.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,56 @@
+"""Rotary position embedding (Su et al. 2021) with the config's theta and scaling.
+
+Inverse frequencies come from transformers' ``ROPE_INIT_FUNCTIONS`` (linear, dynamic, yarn,
+llama3, longrope), so scaled RoPE matches Hugging Face exactly; ``default`` is plain RoPE.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _rope_parameters(hf_config) -> dict:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if not params:
+        scaling = getattr(hf_config, "rope_scaling", None) or {}
+        params = {"rope_theta": getattr(hf_config, "rope_theta", 10000.0), **scaling}
+    return params
+
+
+def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Returns ``([head_dim / 2] inverse frequencies, attention scaling)``."""
+    params = _rope_parameters(hf_config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        theta = float(params.get("rope_theta", 10000.0))
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        return inv, 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE in place of q/k: ``q [T, H, d]``, ``k [T, KVH, d]``, ``positions [T]``.
+
+    cos/sin tables are precomputed for ``max_positions`` in float32 (cast to the input dtype).
+    """
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int):
+        super().__init__()
+        inv_freq, scale = rope_inv_freq(hf_config, head_dim)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.float())
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        return x * cos + self._rotate_half(x) * sin
