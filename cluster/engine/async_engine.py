@@ -1,0 +1,183 @@
+"""Asynchronous front of the engine: per-request output streams and abort.
+
+The synchronous :class:`LLMEngine` runs in one background thread (its steps are CPU/GPU-bound
+torch work that must not block the asyncio event loop of a Serve replica). Requests and aborts are
+handed to that thread as commands and applied between iterations, so only the engine thread touches
+the scheduler; outputs flow back into per-request ``asyncio.Queue`` s.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+
+from typing import AsyncIterator, Optional, Union
+
+from cluster.engine.engine import GenerationOutput, LLMEngine
+from cluster.sampling import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an error; the replica must be replaced."""
+
+
+class AsyncEngine:
+    """Wraps an :class:`LLMEngine` with ``async generate(...)`` streams.
+
+    Counters (for metrics): ``num_generated_tokens``, ``num_finished_requests``.
+    """
+
+    def __init__(self, engine: LLMEngine, idle_integrity_check: bool = True):
+        self.engine = engine
+        self.idle_integrity_check = idle_integrity_check
+        self._commands: "queue.Queue" = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.error: Optional[BaseException] = None
+        self.num_generated_tokens = 0
+        self.num_finished_requests = 0
+        self._stats: dict = dict(engine.scheduler.stats)
+        self._thread = threading.Thread(target=self._loop, name="eeserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, **kwargs) -> "AsyncEngine":
+        """Build with :func:`cluster.llm.create_engine` keyword arguments."""
+        from cluster.llm import create_engine
+
+        return cls(create_engine(**kwargs))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    # ------------------------------------------------------------------------------ public API
+    async def generate(self, prompt: Union[str, list[int]], params: SamplingParams, request_id: str,
+                       exit_threshold: Optional[float] = None) -> AsyncIterator[GenerationOutput]:
+        """Stream :class:`GenerationOutput` s for one request until it finishes.
+
+        Validation happens before the first yield (raises ValueError for a bad prompt). Closing or
+        cancelling the iterator before the end aborts the request and frees its KV blocks.
+
+        Raises:
+            ValueError: invalid prompt or duplicate request id. EngineDeadError: the engine died.
+        """
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, q)
+        try:
+            await asyncio.wrap_future(self._submit("add", prompt, params, request_id, exit_threshold))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"engine failed: {item!r}") from item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit("abort", request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown or finished)."""
+        await asyncio.wrap_future(self._submit("abort", request_id))
+
+    def stats(self) -> dict:
+        """Latest scheduler statistics (running, waiting, KV usage, prefix cache) plus counters."""
+        return {**self._stats, "num_generated_tokens": self.num_generated_tokens,
+                "num_finished_requests": self.num_finished_requests}
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError if the loop died, or the error of a dead tensor-parallel rank."""
+        self._check_alive()
+        self.engine.workers.check_health()
+
+    async def check_integrity(self) -> None:
+        """Run the block manager's integrity check on the engine thread (raises AssertionError)."""
+        await asyncio.wrap_future(self._submit("integrity"))
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    # ----------------------------------------------------------------------------- engine thread
+    def _check_alive(self) -> None:
+        if self.error is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
+
+    def _submit(self, kind: str, *args) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((kind, args, fut))
+        self._wake.set()
+        return fut
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, args, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if kind == "add":
+                    prompt, params, rid, thr = args
+                    fut.set_result(self.engine.add_request(prompt, params, rid, thr))
+                elif kind == "abort":
+                    fut.set_result(self.engine.abort_request(args[0]))
+                elif kind == "integrity":
+                    fut.set_result(self.engine.check_integrity())
+            except BaseException as e:  # delivered to the caller, the loop goes on
+                fut.set_exception(e)
+
+    def _deliver(self, out) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _loop(self) -> None:
+        was_busy = False
+        try:
+            while not self._stop:
+                self._wake.clear()
+                self._apply_commands()
+                if self.engine.has_unfinished_requests():
+                    was_busy = True
+                    for out in self.engine.step():
+                        self.num_generated_tokens += len(out.new_token_ids)
+                        self.num_finished_requests += int(out.finished)
+                        self._deliver(out)
+                    self._stats = dict(self.engine.scheduler.stats)
+                    continue
+                if was_busy:
+                    self.engine.step()  # flush finished ids to the workers
+                    self._stats = dict(self.engine.scheduler.stats)
+                    if self.idle_integrity_check:
+                        self.engine.check_integrity()
+                    was_busy = False
+                self._wake.wait(timeout=0.5)
+        except BaseException as e:
+            self.error = e
+            for loop, q in list(self._streams.values()):
+                loop.call_soon_threadsafe(q.put_nowait, e)
+            # fail the commands still queued
+            while not self._commands.empty():
+                _, _, fut = self._commands.get_nowait()
+                fut.set_exception(EngineDeadError(repr(e)))
+
+
