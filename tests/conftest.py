@@ -31,7 +31,7 @@ def make_tiny_model(path, tokenizer_dir: str, arch: str = "llama", seed: int = 0
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
               rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-              eos_token_id=tok.eos_token_id, initializer_range=0.2)
+              eos_token_id=tok.eos_token_id, initializer_range=1.0)
     kw.update(overrides)
     torch.manual_seed(seed)
     if arch == "qwen2":
