@@ -1,0 +1,102 @@
+"""``eeserve`` console script.
+
+* ``eeserve generate "prompt"``: offline generation on the default (or given) model; prints the
+  completion and its exit statistics.
+* ``eeserve train-exits`` / ``eeserve calibrate``: exit-head training and threshold calibration.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+
+
+def _stats(exit_layers: list[int], num_layers: int) -> dict:
+    counts = collections.Counter(exit_layers)
+    mean = sum(exit_layers) / max(1, len(exit_layers))
+    return {"num_layers": num_layers, "mean_exit_layer": round(mean, 3),
+            "layer_fraction": round(mean / num_layers, 3),
+            "exit_layer_counts": {str(k): counts[k] for k in sorted(counts)}}
+
+
+def cmd_generate(args) -> int:
+    from cluster import LLM, ExitConfig, SamplingParams
+    from cluster.llm import MODEL_DEFAULT
+
+    early_exit = MODEL_DEFAULT
+    if args.no_early_exit:
+        early_exit = None
+    llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, early_exit=early_exit, dtype=args.dtype)
+    try:
+        ec = llm.engine.exit_config
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed)
+        t0 = time.perf_counter()
+        if args.raw:
+            out = llm.generate(args.prompt, params)[0] if args.threshold is None else _with_threshold(llm, args, params)
+        else:
+            conv = [{"role": "user", "content": args.prompt}]
+            out = (llm.chat(conv, params)[0] if args.threshold is None
+                   else _with_threshold(llm, args, params, llm.apply_chat_template(conv)))
+        dt = time.perf_counter() - t0
+        print(out.text)
+        stats = _stats(out.exit_layers, out.num_layers)
+        stats.update(num_tokens=len(out.token_ids), finish_reason=out.finish_reason, seconds=round(dt, 3),
+                     tokens_per_s=round(len(out.token_ids) / dt, 2),
+                     exit_config=None if ec is None else {"exit_layers": list(ec.exit_layers), "head": ec.head,
+                                                          "confidence": ec.confidence, "threshold": ec.threshold})
+        print(json.dumps(stats, indent=None if args.compact else 2), file=sys.stderr)
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def _with_threshold(llm, args, params, prompt=None):
+    eng = llm.engine
+    rid = eng.add_request(prompt if prompt is not None else args.prompt, params, exit_threshold=args.threshold)
+    while True:
+        for o in eng.step():
+            if o.request_id == rid and o.finished:
+                return o
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eeserve", description="Early-exit LLM inference and serving")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a completion offline and print exit statistics")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help="safetensors dir or GGUF file (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--threshold", type=float, default=None, help="override the exit confidence threshold")
+    g.add_argument("--no-early-exit", action="store_true", help="run the full model")
+    g.add_argument("--raw", action="store_true", help="use the prompt as is (no chat template)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--compact", action="store_true", help="print statistics on one line")
+    g.set_defaults(func=cmd_generate)
+    try:
+        from cluster.training.cli import add_calibrate_parser, add_train_exits_parser
+    except ImportError:
+        pass
+    else:
+        add_train_exits_parser(sub)
+        add_calibrate_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
