@@ -6,10 +6,12 @@ top-k, then top-p (nucleus, Holtzman et al. 2020), then a draw from the remainin
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:  # torch stays out of the torch-free scheduler's imports
+    import torch
 
 
 class SamplingParams(BaseModel):
@@ -57,10 +59,10 @@ class SamplingParams(BaseModel):
 
 
 def sample(
-    logits: torch.Tensor,
+    logits: "torch.Tensor",
     params: Sequence[SamplingParams],
-    generators: Sequence[Optional[torch.Generator]],
-) -> torch.Tensor:
+    generators: Sequence[Optional["torch.Generator"]],
+) -> "torch.Tensor":
     """Draw one token per row.
 
     Args:
@@ -71,6 +73,8 @@ def sample(
     Returns:
         ``[n]`` int64 token ids.
     """
+    import torch
+
     n = logits.shape[0]
     out = torch.empty(n, dtype=torch.long)
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
