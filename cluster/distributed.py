@@ -6,6 +6,7 @@ With N > 1, ranks join a ``torch.distributed`` group (NCCL on CUDA, gloo on CPU)
 """
 from __future__ import annotations
 
+import datetime
 import socket
 from dataclasses import dataclass
 
@@ -21,6 +22,10 @@ class TPState:
 
 _STATE = TPState()
 
+# Rendezvous and per-collective timeout: a rank that died mid-step makes its peers' collectives fail
+# after this long instead of torch's 30-minute default.
+DEFAULT_TIMEOUT_S = 300.0
+
 
 def tp_rank() -> int:
     return _STATE.rank
@@ -30,16 +35,19 @@ def tp_size() -> int:
     return _STATE.size
 
 
-def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> None:
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str,
+                         timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the tensor-parallel group (one process per rank).
 
     Args:
         init_method: ``tcp://host:port`` of rank 0, e.g. from :func:`free_tcp_address`.
         backend: ``nccl`` (CUDA) or ``gloo`` (CPU).
+        timeout_s: limit for the rendezvous and for every collective.
     """
     global _STATE
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank)
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     _STATE = TPState(rank=rank, size=world_size)
 
 

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -76,6 +77,15 @@ def _convert_gguf(path: Path) -> str:
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "model.safetensors").exists():
         return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:  # one converter per host; others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "model.safetensors").exists():
+            return str(out)
+        return _convert_gguf_locked(path, out)
+
+
+def _convert_gguf_locked(path: Path, out: Path) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     from safetensors.torch import save_file

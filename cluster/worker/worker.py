@@ -20,15 +20,17 @@ class Worker:
         rank: tensor-parallel rank (0 is the driver rank that samples).
         init_method: ``tcp://host:port`` of rank 0's rendezvous (found at run time).
         num_blocks, block_size: KV cache shape decided by the engine.
+        num_threads: torch intra-op threads; None: :func:`default_num_threads`.
     """
 
     def __init__(self, model_dir: str, model_config: ModelConfig, parallel_config: ParallelConfig,
                  exit_config: Optional[ExitConfig], num_blocks: int, block_size: int, rank: int = 0,
                  init_method: Optional[str] = None, num_threads: Optional[int] = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
         self.rank = rank
         tp = parallel_config.tensor_parallel_size
+        num_threads = num_threads or default_num_threads(tp, parallel_config.device)
+        if num_threads:
+            torch.set_num_threads(num_threads)
         init_tensor_parallel(rank, tp, init_method or "", parallel_config.dist_backend)
         device = parallel_config.device
         if device.startswith("cuda"):
@@ -43,3 +45,19 @@ class Worker:
     def ping(self) -> int:
         """Health check: returns this worker's rank."""
         return self.rank
+
+    def num_threads(self) -> int:
+        return torch.get_num_threads()
+
+
+def default_num_threads(tp: int, device: str) -> Optional[int]:
+    """Intra-op threads for one rank: this host's usable cores split evenly over the ranks (CPU, tp > 1).
+
+    Ray pins an actor with fractional ``num_cpus`` to one thread (``OMP_NUM_THREADS=1``), which wastes
+    a many-core host; more threads than cores per rank makes the ranks, which wait for each other at
+    every all-reduce, preempt one another. None (keep torch's default) in-process or on GPU.
+    """
+    if tp == 1 or not device.startswith("cpu"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // tp)

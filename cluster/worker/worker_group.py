@@ -12,6 +12,7 @@ Ray APIs: ``ray.util.placement_group``, ``PlacementGroupSchedulingStrategy``
 from __future__ import annotations
 
 import functools
+import re
 from typing import Optional
 
 from cluster.config import ExitConfig, ModelConfig, ParallelConfig
@@ -25,56 +26,92 @@ class WorkerGroup:
     Args:
         placement_group: an existing placement group whose bundles ``bundle_offset ..
             bundle_offset + tp - 1`` host the ranks (e.g. a Serve replica's); None creates one.
-        num_cpus_per_rank: CPUs reserved per rank actor on CPU nodes (fractional allowed).
+        num_cpus_per_rank: CPUs reserved per rank actor on CPU nodes (fractional allowed; the
+            default is a token amount so that ranks fit beside other actors on a small host; 0 means
+            the same). With a given placement group it must fit the rank bundles.
+        num_threads_per_rank: torch threads per rank; None: ``int(num_cpus_per_rank)`` when that is
+            at least 1, else the host's cores divided by ``tp`` (see
+            :func:`cluster.worker.worker.default_num_threads`).
+        startup_timeout_s: limit for the placement group and every rank to come up.
 
     Raises:
+        ValueError: head counts or MLP width not divisible by ``tp`` (before any actor starts).
+        TimeoutError: the placement group could not be placed within ``startup_timeout_s``.
         RuntimeError: a rank failed to start (the original error is chained).
     """
 
     def __init__(self, model_dir: str, model_config: ModelConfig, parallel_config: ParallelConfig,
                  exit_config: Optional[ExitConfig], num_blocks: int, block_size: int,
-                 placement_group=None, bundle_offset: int = 0, num_cpus_per_rank: float = 0.0,
-                 placement_strategy: str = "STRICT_PACK"):
+                 placement_group=None, bundle_offset: int = 0, num_cpus_per_rank: float = 0.001,
+                 num_threads_per_rank: Optional[int] = None, placement_strategy: str = "STRICT_PACK",
+                 startup_timeout_s: float = 300.0):
         self.tp = parallel_config.tensor_parallel_size
         self._pg_owned = None
         self.actors = []
         self.local: Optional[Worker] = None
+        check_divisible(model_config, self.tp)
         args = (model_dir, model_config, parallel_config, exit_config, num_blocks, block_size)
         if self.tp == 1 and placement_group is None:
-            self.local = Worker(*args)
+            self.local = Worker(*args, num_threads=num_threads_per_rank)
             return
         import ray
         from ray.util.placement_group import placement_group as make_pg
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         use_gpu = parallel_config.device.startswith("cuda")
-        if placement_group is None:
-            bundle = {"GPU": 1} if use_gpu else {"CPU": num_cpus_per_rank or 0.001}
-            placement_group = self._pg_owned = make_pg([bundle] * self.tp, strategy=placement_strategy)
-            ray.get(placement_group.ready())
-        actor_cls = ray.remote(Worker)
-        addr = ray.get(_rendezvous_task().options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group, placement_group_bundle_index=bundle_offset), num_cpus=0).remote())
-        for rank in range(self.tp):
-            strategy = PlacementGroupSchedulingStrategy(placement_group,
-                                                        placement_group_bundle_index=bundle_offset + rank)
-            opts = {"scheduling_strategy": strategy, "num_gpus": 1 if use_gpu else 0,
-                    "num_cpus": 0 if use_gpu else (num_cpus_per_rank or 0.001)}
-            self.actors.append(actor_cls.options(**opts).remote(*args, rank=rank, init_method=addr,
-                                                                num_threads=None))
+        cpus = 0 if use_gpu else (num_cpus_per_rank or 0.001)
+        if num_threads_per_rank is None and cpus >= 1:
+            num_threads_per_rank = int(cpus)
         try:
-            ray.get([a.ping.remote() for a in self.actors])
-        except Exception as e:  # a rank failed to build: tear down the rest
+            if placement_group is None:
+                bundle = {"GPU": 1} if use_gpu else {"CPU": cpus}
+                placement_group = self._pg_owned = make_pg([bundle] * self.tp, strategy=placement_strategy)
+                try:
+                    ray.get(placement_group.ready(), timeout=startup_timeout_s)
+                except ray.exceptions.GetTimeoutError:
+                    raise TimeoutError(
+                        f"tensor_parallel_size={self.tp}: no room for {self.tp} x {bundle} ({placement_strategy}) "
+                        f"within {startup_timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}") from None
+            actor_cls = ray.remote(Worker)
+            addr = ray.get(_rendezvous_task().options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group, placement_group_bundle_index=bundle_offset), num_cpus=0).remote(),
+                timeout=startup_timeout_s)
+            for rank in range(self.tp):
+                strategy = PlacementGroupSchedulingStrategy(placement_group,
+                                                            placement_group_bundle_index=bundle_offset + rank)
+                opts = {"scheduling_strategy": strategy, "num_gpus": 1 if use_gpu else 0, "num_cpus": cpus}
+                self.actors.append(actor_cls.options(**opts).remote(*args, rank=rank, init_method=addr,
+                                                                    num_threads=num_threads_per_rank))
+            refs = [a.ping.remote() for a in self.actors]
+            try:
+                ray.get(refs, timeout=startup_timeout_s)  # raises the first failure at once
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(f"tensor-parallel ranks (size {self.tp}) did not start within "
+                                   f"{startup_timeout_s:.0f} s") from None
+            except ray.exceptions.RayError as e:
+                raise RuntimeError(f"tensor-parallel rank {_failed_rank(refs)} of {self.tp} failed to start: "
+                                   f"{_summary(e)}") from e
+        except BaseException:
             self.shutdown()
-            raise RuntimeError(f"tensor-parallel worker failed to start: {e}") from e
+            raise
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One iteration on every rank; rank 0's output.
+
+        Raises:
+            RuntimeError: a rank raised or died (its peers' collectives then fail too; the group
+                is unusable afterwards).
+        """
         if self.local is not None:
             return self.local.execute_model(scheduler_output)
         import ray
 
         refs = [a.execute_model.remote(scheduler_output) for a in self.actors]
-        return ray.get(refs)[0]
+        try:
+            return ray.get(refs)[0]  # raises the first rank's error without waiting for the others
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(f"tensor-parallel rank {_failed_rank(refs)} of {self.tp} failed in execute_model: "
+                               f"{_summary(e)}") from e
 
     def check_health(self, timeout_s: float = 30.0) -> None:
         """Raises if any rank is dead or unresponsive (a Serve replica then fails its health check)."""
@@ -97,6 +134,34 @@ class WorkerGroup:
             remove_placement_group(self._pg_owned)
             self._pg_owned = None
         self.local = None
+
+
+def check_divisible(model_config: ModelConfig, tp: int) -> None:
+    """Raises ValueError unless every tensor-parallel split of the model is even."""
+    for what, n in (("num_attention_heads", model_config.num_heads),
+                    ("num_key_value_heads", model_config.num_kv_heads),
+                    ("intermediate_size", model_config.intermediate_size)):
+        if n % tp:
+            raise ValueError(f"tensor_parallel_size: {what} ({n}) is not divisible by {tp}")
+
+
+def _failed_rank(refs) -> str:
+    """Index of the first finished ref that holds an error ("?" if none has finished yet)."""
+    import ray
+
+    for i, ref in enumerate(refs):
+        if ray.wait([ref], timeout=0)[0]:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                return str(i)
+    return "?"
+
+
+def _summary(e: BaseException) -> str:
+    """The last line of a Ray error (the remote exception's ``Type: message``), without colour codes."""
+    lines = [l.strip() for l in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if l.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _rendezvous_impl() -> str:

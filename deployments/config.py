@@ -1,0 +1,122 @@
+"""Application arguments of ``build_app`` (``serve run deployments:build_app key=value ...``).
+
+One pydantic model validates them all (``serve run`` passes strings: pydantic coerces ``"2"`` and
+``"false"``). Each deployment derives only what it needs: :meth:`ServeArgs.engine_kwargs` for the
+engine, :meth:`ServeArgs.placement_group_bundles` for the replica's placement group.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY_ENV = "EESERVE_API_KEY"
+
+
+class ServeArgs(BaseModel):
+    """Arguments of the eeserve application.
+
+    Raises:
+        pydantic.ValidationError (a ``ValueError``): an unknown key or a value out of range.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    # ---- model and engine
+    model: Optional[str] = Field(None, description="safetensors dir or GGUF file; None = SmolLM2-135M-Instruct")
+    served_model_name: Optional[str] = Field(None, description="name in /v1/models; default: model basename")
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: str = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: Optional[int] = Field(None, ge=2)
+    early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")
+    exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")
+    block_size: int = Field(16, ge=1)
+    num_blocks: Optional[int] = Field(None, ge=1)
+    kv_cache_memory_bytes: int = Field(1 << 30, ge=1)
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per rank on CPU (default: cores / tp)")
+    # ---- replicas and placement
+    num_replicas: Optional[Union[int, Literal["auto"]]] = Field(None, description="None: 1, or the config file's")
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)
+    max_queued_requests: Optional[int] = Field(None, ge=-1)
+    replica_num_cpus: float = Field(0.2, ge=0.0, description="CPUs of the replica's own bundle")
+    num_cpus_per_rank: float = Field(0.2, ge=0.0, description="CPUs per rank bundle on CPU nodes")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    health_check_period_s: float = Field(5.0, gt=0)
+    health_check_timeout_s: float = Field(60.0, gt=0)
+    # ---- router (cluster.router.PrefixAwareLoadRouter)
+    routing_stats_period_s: float = Field(1.0, gt=0)
+    router_imbalance_tokens: int = Field(1024, ge=0)
+    router_block_size: int = Field(16, ge=1)
+    # ---- ingress
+    api_key: Optional[str] = Field(None, description=f"require this bearer key; default: ${API_KEY_ENV}")
+    ingress_num_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.1, ge=0.0)
+
+    @field_validator("model", "served_model_name", "api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v in ("", "None", "none", "null") else v
+
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _replicas(cls, v):
+        return None if v in ("", "None", "none", "null") else v
+
+    # ------------------------------------------------------------------------------ derived
+    @property
+    def model_name(self) -> str:
+        """The served model name: explicit, else the model path's basename (without ``.gguf``)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.model:
+            return DEFAULT_SERVED_MODEL_NAME
+        p = Path(self.model.rstrip("/"))
+        return p.stem if p.suffix == ".gguf" else p.name
+
+    @property
+    def resolved_api_key(self) -> Optional[str]:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def resolved_device(self) -> str:
+        """``auto``: CUDA when the Ray cluster (if connected) or this machine has a GPU, else CPU."""
+        if self.device != "auto":
+            return self.device
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        except Exception:
+            pass
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def uses_rank_actors(self, device: str) -> bool:
+        """Ranks run as Ray actors in the replica's placement group (else in the replica process)."""
+        return self.tensor_parallel_size > 1 or device.startswith("cuda")
+
+    def placement_group_bundles(self, device: str) -> Optional[list[dict]]:
+        """Bundle 0 hosts the replica; bundles 1..tp host one rank each (a GPU, or CPUs)."""
+        if not self.uses_rank_actors(device):
+            return None
+        rank = {"GPU": 1} if device.startswith("cuda") else {"CPU": self.num_cpus_per_rank or 0.001}
+        return [{"CPU": self.replica_num_cpus or 0.001}] + [dict(rank) for _ in range(self.tensor_parallel_size)]
+
+    def engine_kwargs(self, device: str) -> dict:
+        """Keyword arguments of :func:`cluster.llm.create_engine` (placement group added by the replica)."""
+        from cluster.llm import MODEL_DEFAULT
+
+        return dict(model=self.model, tensor_parallel_size=self.tensor_parallel_size,
+                    early_exit=MODEL_DEFAULT if self.early_exit else None, dtype=self.dtype,
+                    max_model_len=self.max_model_len, block_size=self.block_size, num_blocks=self.num_blocks,
+                    kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                    enable_prefix_caching=self.enable_prefix_caching, max_num_seqs=self.max_num_seqs,
+                    max_num_batched_tokens=self.max_num_batched_tokens, device=device)
