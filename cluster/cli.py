@@ -35,11 +35,9 @@ def cmd_generate(args) -> int:
                                 seed=args.seed)
         t0 = time.perf_counter()
         if args.raw:
-            out = llm.generate(args.prompt, params)[0] if args.threshold is None else _with_threshold(llm, args, params)
+            out = llm.generate(args.prompt, params, exit_threshold=args.threshold)[0]
         else:
-            conv = [{"role": "user", "content": args.prompt}]
-            out = (llm.chat(conv, params)[0] if args.threshold is None
-                   else _with_threshold(llm, args, params, llm.apply_chat_template(conv)))
+            out = llm.chat([{"role": "user", "content": args.prompt}], params, exit_threshold=args.threshold)[0]
         dt = time.perf_counter() - t0
         print(out.text)
         stats = _stats(out.exit_layers, out.num_layers)
@@ -51,15 +49,6 @@ def cmd_generate(args) -> int:
     finally:
         llm.shutdown()
     return 0
-
-
-def _with_threshold(llm, args, params, prompt=None):
-    eng = llm.engine
-    rid = eng.add_request(prompt if prompt is not None else args.prompt, params, exit_threshold=args.threshold)
-    while True:
-        for o in eng.step():
-            if o.request_id == rid and o.finished:
-                return o
 
 
 def build_parser() -> argparse.ArgumentParser:

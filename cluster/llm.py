@@ -83,8 +83,10 @@ class LLM:
 
     def generate(self, prompts: Union[str, list[int], Sequence[Union[str, list[int]]]],
                  params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
-                 use_tqdm: bool = False) -> list[GenerationOutput]:
+                 use_tqdm: bool = False, exit_threshold: Optional[float] = None) -> list[GenerationOutput]:
         """Generate for every prompt (strings or token-id lists) as one continuously batched run.
+
+        ``exit_threshold`` overrides the exit config's threshold for these requests (> 1: full model).
 
         Returns one :class:`GenerationOutput` per prompt, in order.
 
@@ -102,7 +104,7 @@ class LLM:
         for i, ids in enumerate(token_prompts):
             if len(ids) >= limit:
                 raise ValueError(f"prompt: prompt {i} has {len(ids)} tokens; max_model_len is {limit}")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(token_prompts, plist)]
+        ids = [self.engine.add_request(p, sp, exit_threshold=exit_threshold) for p, sp in zip(token_prompts, plist)]
         results: dict[str, GenerationOutput] = {}
         bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
         try:
@@ -124,11 +126,12 @@ class LLM:
 
     def chat(self, conversations: Union[list[dict], Sequence[list[dict]]],
              params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
-             use_tqdm: bool = False) -> list[GenerationOutput]:
+             use_tqdm: bool = False, exit_threshold: Optional[float] = None) -> list[GenerationOutput]:
         """Generate replies to chat conversations (OpenAI-style message lists) via the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self.generate([self.apply_chat_template(c) for c in conversations], params, use_tqdm)
+        return self.generate([self.apply_chat_template(c) for c in conversations], params, use_tqdm,
+                             exit_threshold)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
