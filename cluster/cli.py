@@ -12,6 +12,8 @@ import json
 import sys
 import time
 
+from cluster.training.cli import add_calibrate_parser, add_train_exits_parser
+
 
 def _stats(exit_layers: list[int], num_layers: int) -> dict:
     counts = collections.Counter(exit_layers)
@@ -68,13 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--compact", action="store_true", help="print statistics on one line")
     g.set_defaults(func=cmd_generate)
-    try:
-        from cluster.training.cli import add_calibrate_parser, add_train_exits_parser
-    except ImportError:
-        pass
-    else:
-        add_train_exits_parser(sub)
-        add_calibrate_parser(sub)
+    add_train_exits_parser(sub)
+    add_calibrate_parser(sub)
     return p
 
 

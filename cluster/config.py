@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-ConfidenceMeasure = Literal["max_prob", "top2_margin"]
+ConfidenceMeasure = Literal["max_prob", "top2_margin", "classifier"]
+CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "classifier")
 ExitHeadKind = Literal["shared", "trained"]
 ExitPolicy = Literal["paper", "per_sequence"]
 
@@ -157,8 +158,14 @@ class ExitConfig:
         head: ``shared`` uses the final norm + LM head at every exit (LayerSkip style);
             ``trained`` loads per-exit heads from ``heads_path``.
         confidence: ``max_prob`` (max softmax probability) or ``top2_margin`` (top-1 minus top-2
-            probability).
+            probability), both computed from the exit's full-vocabulary logits; ``classifier``: a
+            small learned exit classifier on the hidden state (CALM's "meta" measure) predicts the
+            probability that the exit head's argmax equals the final layer's; logits are computed
+            only for rows that pass (needs ``head='trained'`` with classifiers in ``heads_path``).
         threshold: a token exits at the first exit layer whose confidence is >= threshold.
+        layer_thresholds: optional per-exit-layer thresholds aligned with ``exit_layers`` (written by
+            ``eeserve calibrate``); they replace ``threshold`` for requests that use the default
+            threshold. A per-request threshold still applies to every exit layer.
         policy: ``paper``: the batch runs layer by layer and leaves the full computation only once
             every sequence is confident; ``per_sequence``: confident sequences leave at once and only
             receive KV fill.
@@ -170,10 +177,11 @@ class ExitConfig:
     confidence: ConfidenceMeasure = "max_prob"
     threshold: float = 0.9
     policy: ExitPolicy = "paper"
+    layer_thresholds: Optional[tuple[float, ...]] = None
 
     def __post_init__(self):
-        if self.confidence not in ("max_prob", "top2_margin"):
-            raise ValueError(f"confidence must be 'max_prob' or 'top2_margin', got {self.confidence!r}")
+        if self.confidence not in CONFIDENCE_MEASURES:
+            raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
         if self.head not in ("shared", "trained"):
             raise ValueError(f"head must be 'shared' or 'trained', got {self.head!r}")
         if self.policy not in ("paper", "per_sequence"):
@@ -184,6 +192,20 @@ class ExitConfig:
             raise ValueError(f"exit_layers must be strictly increasing layer counts >= 1, got {self.exit_layers}")
         if self.head == "trained" and not self.heads_path:
             raise ValueError("heads_path is required when head='trained'")
+        if self.confidence == "classifier" and self.head != "trained":
+            raise ValueError("confidence='classifier' requires head='trained' (classifiers live in heads_path)")
+        if self.layer_thresholds is not None:
+            if len(self.layer_thresholds) != len(self.exit_layers):
+                raise ValueError(f"layer_thresholds must have one value per exit layer ({len(self.exit_layers)}), "
+                                 f"got {len(self.layer_thresholds)}")
+            if any(not 0.0 <= t <= 1.0 for t in self.layer_thresholds):
+                raise ValueError(f"layer_thresholds must lie in [0, 1], got {self.layer_thresholds}")
+
+    def threshold_for(self, layer: int) -> float:
+        """The default confidence threshold at exit layer ``layer`` (per-layer if calibrated)."""
+        if self.layer_thresholds is None:
+            return self.threshold
+        return self.layer_thresholds[self.exit_layers.index(layer)]
 
     def validate_for(self, num_layers: int) -> None:
         """Raises ValueError if an exit layer is not below ``num_layers``."""

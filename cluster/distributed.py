@@ -68,9 +68,10 @@ def free_tcp_address(host: str | None = None) -> str:
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce over the tensor-parallel group (identity at size 1)."""
+    """In-place all-reduce (``op``: ``sum``, ``max`` or ``min``) over the tensor-parallel group
+    (identity at size 1). Raises KeyError for another ``op``."""
     if _STATE.size > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return x
 
 

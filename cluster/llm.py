@@ -1,6 +1,8 @@
 """Offline API: ``LLM(...).generate(prompts, params)`` and ``.chat(conversations, params)``."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from typing import Optional, Sequence, Union
@@ -15,16 +17,87 @@ MODEL_DEFAULT = "model-default"  # sentinel: the model's own exit config
 EXIT_CONFIG_FILE = "exit_config.json"
 
 
-def model_exit_config(model_dir: str, num_layers: int) -> ExitConfig:
-    """The model's own exit config: ``exit_config.json`` in its directory, else exits at 1/4, 1/2, 3/4."""
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+FINGERPRINT_TENSORS = ("model.embed_tokens.weight", "model.norm.weight")
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Identity of a model's weights: ``sha256`` over its architecture and a few weight slices.
+
+    Reads only small memory-mapped slices (no full load), converted to float32 so a checkpoint's
+    storage dtype does not matter. Used to match shipped exit heads to a model.
+    """
+    import glob
+
+    import torch
+    from safetensors import safe_open
+
+    from cluster.model.loader import load_hf_config
+
+    mc = ModelConfig.from_hf_config(load_hf_config(model_dir))
+    h = hashlib.sha256(json.dumps([mc.model_type, mc.vocab_size, mc.hidden_size, mc.intermediate_size,
+                                   mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim]).encode())
+    names = (*FINGERPRINT_TENSORS, f"model.layers.{mc.num_layers - 1}.mlp.down_proj.weight")
+    found = {}
+    for file in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                if name in f.keys() and name not in found:
+                    sl = f.get_slice(name)
+                    found[name] = (sl[:8] if len(sl.get_shape()) > 1 else sl[:]).to(torch.float32)
+    for name in names:
+        if name in found:
+            h.update(name.encode() + found[name].contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:24]
+
+
+def read_exit_config(path: str) -> ExitConfig:
+    """An ``exit_config.json``: ExitConfig fields (others, e.g. calibration notes, are ignored);
+    a relative ``heads_path`` is relative to the file's directory."""
+    with open(path) as f:
+        data = json.load(f)
+    fields = {f.name for f in dataclasses.fields(ExitConfig)}
+    data = {k: v for k, v in data.items() if k in fields}
+    data["exit_layers"] = tuple(data.get("exit_layers", ()))
+    if data.get("layer_thresholds") is not None:
+        data["layer_thresholds"] = tuple(float(t) for t in data["layer_thresholds"])
+    if data.get("heads_path") and not os.path.isabs(data["heads_path"]):
+        data["heads_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), data["heads_path"])
+    return ExitConfig(**data)
+
+
+def shipped_exit_config_path(model_dir: str) -> Optional[str]:
+    """The ``cluster/assets/*exit_config.json`` whose ``model_fingerprint`` matches the model, if any."""
+    if not os.path.isdir(ASSETS_DIR):
+        return None
+    cands = []
+    for name in sorted(os.listdir(ASSETS_DIR)):
+        if name.endswith(EXIT_CONFIG_FILE):
+            try:
+                with open(os.path.join(ASSETS_DIR, name)) as f:
+                    fp = json.load(f).get("model_fingerprint")
+            except (OSError, ValueError):
+                continue
+            if fp:
+                cands.append((fp, os.path.join(ASSETS_DIR, name)))
+    if not cands:
+        return None
+    mine = model_fingerprint(model_dir)
+    return next((p for fp, p in cands if fp == mine), None)
+
+
+def model_exit_config_path(model_dir: str) -> Optional[str]:
+    """Where the model's own exit config lives: ``exit_config.json`` in its directory, else shipped
+    heads in ``cluster/assets`` matched by fingerprint; None if neither."""
     path = os.path.join(model_dir, EXIT_CONFIG_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            data = json.load(f)
-        data["exit_layers"] = tuple(data.get("exit_layers", ()))
-        if data.get("heads_path") and not os.path.isabs(data["heads_path"]):
-            data["heads_path"] = os.path.join(model_dir, data["heads_path"])
-        return ExitConfig(**data)
+    return path if os.path.exists(path) else shipped_exit_config_path(model_dir)
+
+
+def model_exit_config(model_dir: str, num_layers: int) -> ExitConfig:
+    """The model's own exit config (see :func:`model_exit_config_path`), else exits at 1/4, 1/2, 3/4."""
+    path = model_exit_config_path(model_dir)
+    if path is not None:
+        return read_exit_config(path)
     return ExitConfig.default_for(num_layers)
 
 

@@ -12,8 +12,9 @@ Rules from "An Efficient Inference Framework for Early-exit LLMs" (Miao et al., 
   from its frozen exit hidden state before the iteration ends, so later tokens find a complete cache
   and a sequence's output never depends on its batch-mates.
 
-Confidence is computed from vocab-parallel logits with all-reduces, so every tensor-parallel rank
-takes the same exit decision.
+Confidence is computed from vocab-parallel logits with all-reduces (``max_prob``, ``top2_margin``),
+or by a small exit classifier on the replicated hidden state (``classifier``: no logits unless the
+row exits), so every tensor-parallel rank takes the same exit decision.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -38,6 +40,9 @@ def confidence_from_local_logits(local: torch.Tensor, measure: str) -> torch.Ten
     (both as in CALM, Schuster et al. 2022). Uses an all-reduce of the max and of the softmax
     denominator (and an all-gather of each rank's top-2 for the margin).
     """
+    # Ranks agree bit for bit: max is exact, and gloo/NCCL all-reduce hand every rank the same
+    # reduced bytes (each element is summed once, then broadcast), so ``conf >= threshold`` and with
+    # it the sequence of later collectives is identical on all ranks.
     local = local.float()
     m = all_reduce(local.max(dim=-1).values, op="max")
     denom = all_reduce(torch.exp(local - m.unsqueeze(1)).sum(dim=-1))
@@ -64,11 +69,42 @@ class TrainedExitHead(nn.Module):
         return h + self.up(self.down(self.norm(h)))
 
 
+class ExitClassifier(nn.Module):
+    """Cheap exit confidence (CALM's "meta" measure): ``[n, hidden] -> [n]`` probability in [0, 1]
+    that the exit head's argmax equals the final layer's, from the hidden state alone.
+
+    RMSNorm -> Linear(hidden, width) -> SiLU -> Linear(width, 1) -> sigmoid: about ``hidden * width``
+    multiply-adds per row, versus ``hidden * vocab`` for one LM head. It holds no vocab-parallel
+    state, so with tensor parallelism every rank computes the same value from the same (replicated)
+    hidden state and all ranks take the same exit decision without communication.
+    """
+
+    def __init__(self, hidden_size: int, width: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(hidden_size, eps)
+        self.fc1 = nn.Linear(hidden_size, width)
+        self.fc2 = nn.Linear(width, 1)
+
+    def logit(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(self.norm(h)))).squeeze(-1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(h).float())
+
+
+def _load_prefixed(module: nn.Module, state: dict, prefix: str) -> nn.Module:
+    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return module
+
+
 class ExitHeads(nn.Module):
-    """Maps an exit layer's hidden states to vocab-parallel logits.
+    """Maps an exit layer's hidden states to vocab-parallel logits and decides who exits.
 
     ``shared``: final norm + LM head (LayerSkip). ``trained``: a :class:`TrainedExitHead` per exit
-    layer loaded from a safetensors file with keys ``exits.<layer>.{norm.weight,down.weight,up.weight}``.
+    layer loaded from a safetensors file with keys ``exits.<layer>.{norm.weight,down.weight,up.weight}``;
+    with ``confidence='classifier'`` also an :class:`ExitClassifier` per exit layer from keys
+    ``exit_classifiers.<layer>.{norm.weight,fc1.weight,fc1.bias,fc2.weight,fc2.bias}``
+    (written by ``eeserve train-exits``).
     """
 
     def __init__(self, model: LlamaForCausalLM, cfg: ExitConfig):
@@ -76,6 +112,8 @@ class ExitHeads(nn.Module):
         self.model = [model]  # not a submodule: its parameters belong to the model
         self.cfg = cfg
         self.heads = nn.ModuleDict()
+        self.classifiers = nn.ModuleDict()
+        dtype = next(model.parameters()).dtype
         if cfg.head == "trained":
             state = load_file(cfg.heads_path)
             mc = model.config
@@ -84,15 +122,44 @@ class ExitHeads(nn.Module):
                 if key not in state:
                     raise ValueError(f"heads_path {cfg.heads_path} has no head for exit layer {layer}")
                 head = TrainedExitHead(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
-                head.load_state_dict({k.split(".", 2)[2]: v for k, v in state.items()
-                                      if k.startswith(f"exits.{layer}.")})
-                self.heads[str(layer)] = head.to(next(model.parameters()).dtype)
+                self.heads[str(layer)] = _load_prefixed(head, state, f"exits.{layer}.").to(dtype)
+                if cfg.confidence == "classifier":
+                    key = f"exit_classifiers.{layer}.fc1.weight"
+                    if key not in state:
+                        raise ValueError(f"heads_path {cfg.heads_path} has no exit classifier for layer {layer}")
+                    clf = ExitClassifier(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
+                    self.classifiers[str(layer)] = _load_prefixed(clf, state, f"exit_classifiers.{layer}.").to(dtype)
+        # per exit layer: the threshold that replaces the config's default threshold
+        self.layer_thresholds = {l: cfg.threshold_for(l) for l in cfg.exit_layers}
 
     def local_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """``[n, hidden]`` hidden states after ``layer`` layers -> ``[n, V_local]`` float32 logits."""
         if str(layer) in self.heads:
             h = self.heads[str(layer)](h)
         return self.model[0].final_local_logits(h)
+
+    def resolve_thresholds(self, layer: int, thresholds: torch.Tensor) -> torch.Tensor:
+        """``thresholds: [n]`` per-row thresholds, NaN meaning "the config's default" -> ``[n]`` with
+        NaN rows replaced by ``layer``'s threshold (calibrated per layer if ``layer_thresholds``)."""
+        return torch.where(torch.isnan(thresholds), self.layer_thresholds[layer], thresholds)
+
+    def check(self, layer: int, h: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exit test at ``layer`` for ``h: [n, hidden]`` with per-row ``thresholds: [n]`` (NaN: default).
+
+        Returns ``(ok [n] bool, local logits [k, V_local] of the k rows that exit)``. With the
+        ``classifier`` measure, logits are computed only for the rows that pass; the pass mask is
+        all-reduced (min) across tensor-parallel ranks, so every rank takes the same decision even
+        if floating-point results ever differed between ranks (one tiny collective per check).
+        """
+        thr = self.resolve_thresholds(layer, thresholds)
+        if self.cfg.confidence == "classifier":
+            ok = self.classifiers[str(layer)](h) >= thr
+            if tp_size() > 1:
+                ok = all_reduce(ok.to(torch.int32), op="min").bool()
+            return ok, self.local_logits(layer, h[ok])
+        local = self.local_logits(layer, h)
+        ok = confidence_from_local_logits(local, self.cfg.confidence) >= thr
+        return ok, local[ok]
 
 
 @dataclass
@@ -152,13 +219,11 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
         if depth not in exit_layers_cfg or not pending.any():
             continue
         cand = pending.nonzero().squeeze(1)
-        local = heads.local_logits(depth, h[batch.sample_rows[cand]])
-        conf = confidence_from_local_logits(local, heads.cfg.confidence)
-        ok = conf >= batch.thresholds[cand]
+        ok, local = heads.check(depth, h[batch.sample_rows[cand]], batch.thresholds[cand])
         if not ok.any():
             continue
         done = cand[ok]
-        logits[done] = heads.model[0].lm_head.full_logits(local[ok])
+        logits[done] = heads.model[0].lm_head.full_logits(local)
         row_exit[done] = depth
         pending[done] = False
         exited[batch.sample_rows[done]] = True

