@@ -82,6 +82,9 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--measure", choices=["classifier", "max_prob", "top2_margin"], default=None,
                    help="confidence measure (default: classifier when the heads have one)")
     p.add_argument("--single-threshold", action="store_true", help="one threshold for all exit layers")
+    p.add_argument("--z", type=float, default=2.326,
+                   help="search for target + z * binomial standard error on the calibration split, so the target "
+                        "holds on unseen prompts (default 2.326, one-sided 99%%; 0: the bare target)")
     p.add_argument("--work-dir", default=None, help="cache directory of train-exits (default: $EESERVE_CACHE_DIR/exit-training/<model>)")
     p.add_argument("--summary", default=None, help="also write the calibration result as JSON here")
     p.set_defaults(func=run_calibrate)
@@ -132,7 +135,7 @@ def run_calibrate(args) -> int:
     if config is None:
         raise SystemExit("calibrate: the model has no exit config with trained heads; run train-exits first "
                          "or pass --config")
-    result = calibrate_config(config, model=args.model, target=args.target, measure=args.measure,
+    result = calibrate_config(config, model=args.model, target=args.target, measure=args.measure, z=args.z,
                               per_layer=not args.single_threshold, work_dir=args.work_dir,
                               progress=not args.quiet, log=_log)
     _write_summary(args.summary, result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -235,8 +236,12 @@ def write_exit_config(path: str, data: dict) -> None:
 def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Optional[str] = None,
                      target: float = 0.95, measure: Optional[str] = None, per_layer: bool = True,
                      work_dir: Optional[str] = None, progress: bool = True,
-                     log: Callable[[str], None] = print) -> dict:
+                     log: Callable[[str], None] = print, z: float = 2.326) -> dict:
     """Choose thresholds on the calibration split and write them into ``config_path``.
+
+    The search asks for ``target + z * sqrt(target * (1 - target) / N)`` agreement on the ``N``
+    calibration positions (a one-sided binomial margin, ``z = 2.326``: 99%), so that the target
+    still holds on prompts the calibration did not see; ``z = 0`` searches for the bare target.
 
     The heads file's metadata names the splits it was trained with, so the calibration split is
     disjoint from the training prompts; the test split is reported as held out.
@@ -271,27 +276,41 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
     pred = {s: exit_predictions(heads, ws.features(s, seqs[s], layers, progress=progress)) for s in ("calib", "test")}
     cost = CostModel.for_model(ws.model_config, rank=int(meta.get("rank", 128)),
                                classifier_width=int(meta.get("classifier_width", 64)))
-    shared = single_threshold(pred["calib"], measure, target)
+    n = max(1, pred["calib"].conf[measure].shape[0])
+    search = min(1.0, target + z * math.sqrt(target * (1.0 - target) / n))
+    shared = single_threshold(pred["calib"], measure, search)
     if per_layer:
-        thr = choose_thresholds(pred["calib"], measure, target, cost)
+        thr = choose_thresholds(pred["calib"], measure, search, cost)
     else:
         thr = {l: shared for l in layers} if shared is not None else {}
-    result = {"target": target, "measure": measure, "thresholds": {str(l): v for l, v in thr.items()},
+    result = {"target": target, "search_target": search, "measure": measure, "thresholds": {str(l): v for l, v in thr.items()},
               "single_threshold": shared,
               "teacher_forced_agreement": {s: p.agreement() for s, p in pred.items()},
               "calib": policy_stats(pred["calib"], measure, thr, cost),
               "test": policy_stats(pred["test"], measure, thr, cost)}
     for other in sorted(pred["calib"].conf):  # what the other measures would give (for comparison)
         if other != measure:
-            o = choose_thresholds(pred["calib"], other, target, cost)
+            o = choose_thresholds(pred["calib"], other, search, cost)
+            kind = "per_layer"
+            if not o:  # no layer pays for its check under the cost model: one threshold at every layer
+                one = single_threshold(pred["calib"], other, search)
+                o, kind = ({l: one for l in layers} if one is not None else {}), "single"
             result.setdefault("alternatives", {})[other] = {
-                "thresholds": {str(l): v for l, v in o.items()}, "test": policy_stats(pred["test"], other, o, cost)}
+                "kind": kind, "thresholds": {str(l): v for l, v in o.items()},
+                "test": policy_stats(pred["test"], other, o, cost)}
     enabled = tuple(sorted(thr))
     raw.update({"exit_layers": list(enabled), "head": "trained", "confidence": measure,
                 "threshold": shared if shared is not None else 1.0,
                 "layer_thresholds": [thr[l] for l in enabled],
                 "model_fingerprint": ws.fingerprint,
-                "calibration": {k: result[k] for k in ("target", "measure", "calib", "test")}})
+                "calibration": {**{k: result[k] for k in ("target", "search_target", "measure", "calib", "test")},
+                                # per-layer thresholds the other measures need for the same target
+                                # (bench/offline.py runs each measure at its calibrated thresholds)
+                                "alternatives": {m: {"kind": a["kind"], "exit_layers": sorted(int(l) for l in a["thresholds"]),
+                                                     "layer_thresholds": [a["thresholds"][l] for l in sorted(
+                                                         a["thresholds"], key=int)],
+                                                     "test": a["test"]}
+                                                 for m, a in result.get("alternatives", {}).items()}}})
     raw["heads_path"] = os.path.relpath(cfg.heads_path, os.path.dirname(os.path.abspath(config_path)))
     write_exit_config(config_path, raw)
     ws.timings["calibrate_s"] = time.monotonic() - t
