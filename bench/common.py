@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 PROMPT_DIR = Path(os.environ.get("EESERVE_PROMPTS", Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"))
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("EESERVE_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def load_prompts(n: int, offset: int = 0) -> list[str]:

@@ -44,13 +44,23 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        self._last = None  # (positions, dtype, cos, sin) of the latest call
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([-x2, x1], dim=-1)
 
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin: [T, 1, d]`` for ``positions``; reused while the same ``positions`` tensor comes
+        back (every layer of one iteration passes the same one), so each iteration gathers once."""
+        key = self._last
+        if key is None or key[0] is not positions or key[1] != dtype:
+            cos = self.cos[positions].unsqueeze(1).to(dtype)
+            sin = self.sin[positions].unsqueeze(1).to(dtype)
+            self._last = key = (positions, dtype, cos, sin)
+        return key[2], key[3]
+
     def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        cos, sin = self._tables(positions, x.dtype)
         return x * cos + self._rotate_half(x) * sin

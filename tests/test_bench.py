@@ -1,0 +1,32 @@
+"""The offline benchmark runs end to end on a tiny model and writes a consistent JSON (not timed)."""
+import json
+
+import pytest
+
+
+@pytest.mark.timeout(300)
+def test_offline_bench_writes_rows_for_every_variant(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EESERVE_BENCH_RESULTS", str(tmp_path))
+    import importlib
+
+    import bench.common
+    import bench.offline
+
+    importlib.reload(bench.common)
+    importlib.reload(bench.offline)
+    bench.offline.main(["--model", tiny_model_dir, "--batch-sizes", "1", "2", "--max-tokens", "6",
+                        "--num-prompts", "2", "--name", "tiny-offline"])
+    data = json.loads((tmp_path / "tiny-offline.json").read_text())
+    variants = {r["variant"] for r in data["rows"]}
+    # tiny model: no trained heads, so the shared head with each softmax measure, both policies
+    assert {"full", "ee-max_prob-paper", "ee-max_prob-per_sequence", "ee-top2_margin-per_sequence"} <= variants
+    for r in data["rows"]:
+        assert r["tokens_per_s"] > 0 and 1 <= r["mean_exit_layer"] <= data["num_layers"]
+        assert 0.0 <= r["agreement_tf"] <= 1.0 and 0.0 <= r["agreement_free"] <= 1.0
+        if r["variant"] == "full":
+            assert r["agreement_tf"] == 1.0 and r["agreement_free"] == 1.0 and r["speedup_vs_full"] == 1.0
+    # KV fill: the batch size never changes a variant's tokens, so free-running agreement is batch-invariant
+    by = {(r["variant"], r["batch"]): r["agreement_free"] for r in data["rows"]}
+    assert all(by[(v, 1)] == by[(v, 2)] for v in variants)
+    assert data["read_bandwidth_GBps"] > 0 and data["part_costs_ms"][0]["lm_head_ms"] > 0
+    assert any(int(k) < data["num_layers"] for k in data["exit_layer_counts"]["ee-max_prob-per_sequence@1"])
