@@ -109,9 +109,9 @@ def test_calibrate_command_meets_target_on_its_split(tiny_heads, tmp_path, targe
             token = int(feats.target[i])  # the final layer's token
             for layer in cfg.exit_layers:
                 h = feats.hidden[layer][i:i + 1]
-                ok, local = heads.check(layer, h, torch.tensor([float("nan")]))  # NaN: calibrated default
+                ok, _ = heads.check(layer, h, torch.tensor([float("nan")]))  # NaN: calibrated default
                 if ok.item():
-                    token = int(local.argmax(-1))
+                    token = int(heads.local_logits(layer, h).argmax(-1))
                     break
             right += token == int(feats.target[i])
     assert feats.num_positions > 0

@@ -107,7 +107,24 @@ def test_classifier_computes_logits_only_for_passing_rows(trained):
     with torch.inference_mode():
         ok, local = heads.check(LAYERS[0], h, thr)
     assert torch.equal(ok, conf >= thr) and 0 < int(ok.sum()) < 8
-    assert rows_seen == [int(ok.sum())] and local.shape == (int(ok.sum()), mc.vocab_size)
+    assert rows_seen == [] and local is None  # the check itself computes no logits at all
+    with torch.inference_mode():  # the exit's logits come from its head's state through the shared LM head
+        state = heads.exit_state(LAYERS[0], h[ok])
+        assert torch.allclose(model.final_local_logits(state), heads.local_logits(LAYERS[0], h[ok]))
+    # in the engine, one LM-head pass per iteration serves every exited row and the final rows
+    from cluster.model.exits import ExitBatch, forward_with_exits
+    from cluster.model.layers.attention import AttentionMetadata, PrefillChunk
+
+    kv = [(torch.zeros(4, 16, mc.num_kv_heads, mc.head_dim), torch.zeros(4, 16, mc.num_kv_heads, mc.head_dim))
+          for _ in range(mc.num_layers)]
+    ids = torch.tensor([5, 6, 7, 8])
+    meta = AttentionMetadata(torch.arange(4), 0, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                             [PrefillChunk(0, 4, 0, torch.tensor([0]))])
+    rows_seen.clear()
+    with torch.inference_mode():
+        forward_with_exits(model, heads, ids, torch.arange(4), meta, kv,
+                           ExitBatch(torch.tensor([3]), torch.tensor([True]), torch.tensor([0.0])))
+    assert rows_seen == [1]  # threshold 0: the row exits at the first exit layer; one LM-head call
     # per-layer thresholds replace the default (NaN) only; a per-request threshold equal to the
     # config's default threshold is still the request's own
     cfg = ExitConfig(exit_layers=LAYERS, head="trained", heads_path=summary["heads_path"], confidence="classifier",

@@ -143,20 +143,29 @@ class ExitHeads(nn.Module):
         NaN rows replaced by ``layer``'s threshold (calibrated per layer if ``layer_thresholds``)."""
         return torch.where(torch.isnan(thresholds), self.layer_thresholds[layer], thresholds)
 
-    def check(self, layer: int, h: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def exit_state(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """``[n, hidden]`` hidden states after ``layer`` layers -> the exit head's output, the input of
+        the shared final norm + LM head (``h`` itself for the shared head)."""
+        return self.heads[str(layer)](h) if str(layer) in self.heads else h
+
+    def check(self, layer: int, h: torch.Tensor,
+              thresholds: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Exit test at ``layer`` for ``h: [n, hidden]`` with per-row ``thresholds: [n]`` (NaN: default).
 
-        Returns ``(ok [n] bool, local logits [k, V_local] of the k rows that exit)``. With the
-        ``classifier`` measure, logits are computed only for the rows that pass; the pass mask is
-        all-reduced (min) across tensor-parallel ranks, so every rank takes the same decision even
-        if floating-point results ever differed between ranks (one tiny collective per check).
+        Returns ``(ok [n] bool, local logits [k, V_local] of the k rows that exit)`` for the softmax
+        measures, which need every row's logits to decide. The ``classifier`` measure computes no
+        logits at all and returns ``(ok, None)``: the caller keeps :meth:`exit_state` of the rows that
+        exit and runs the shared LM head once per iteration for all of them (one pass over its
+        ``vocab x hidden`` weights instead of one per exit layer). Its pass mask is all-reduced (min)
+        across tensor-parallel ranks, so every rank takes the same decision even if floating-point
+        results ever differed between ranks (one tiny collective per check).
         """
         thr = self.resolve_thresholds(layer, thresholds)
         if self.cfg.confidence == "classifier":
             ok = self.classifiers[str(layer)](h) >= thr
             if tp_size() > 1:
                 ok = all_reduce(ok.to(torch.int32), op="min").bool()
-            return ok, self.local_logits(layer, h[ok])
+            return ok, None
         local = self.local_logits(layer, h)
         ok = confidence_from_local_logits(local, self.cfg.confidence) >= thr
         return ok, local[ok]
@@ -205,6 +214,9 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     row_exit = torch.full((S,), L, dtype=torch.long)
     logits = torch.empty(S, model.config.vocab_size, dtype=torch.float32)
     pending = batch.eligible.clone()  # sample rows still allowed to exit early
+    # rows whose logits wait for the single LM-head pass at the end: their final-norm inputs
+    deferred = torch.zeros(S, dtype=torch.bool)
+    states = h.new_empty(S, h.shape[1])
     compute_rows, compute_meta = None, None  # None: compute all rows
     for i, layer in enumerate(layers):
         if compute_rows is not None and compute_rows.numel() == 0:
@@ -223,7 +235,11 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
         if not ok.any():
             continue
         done = cand[ok]
-        logits[done] = heads.model[0].lm_head.full_logits(local)
+        if local is None:  # cheap measure: logits later, in one LM-head pass with the other rows
+            states[done] = heads.exit_state(depth, h[batch.sample_rows[done]])
+            deferred[done] = True
+        else:
+            logits[done] = heads.model[0].lm_head.full_logits(local)
         row_exit[done] = depth
         pending[done] = False
         exited[batch.sample_rows[done]] = True
@@ -235,6 +251,9 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
             compute_meta = meta.select_decodes(compute_rows[:num_dec])
     final = (row_exit == L).nonzero().squeeze(1)
     if final.numel():
-        local = model.final_local_logits(h[batch.sample_rows[final]])
-        logits[final] = model.lm_head.full_logits(local)
+        states[final] = h[batch.sample_rows[final]]
+        deferred[final] = True
+    rows = deferred.nonzero().squeeze(1)
+    if rows.numel():
+        logits[rows] = model.lm_head.full_logits(model.final_local_logits(states[rows]))
     return ExitResult(logits=logits, exit_layers=row_exit)
