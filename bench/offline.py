@@ -222,7 +222,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--num-prompts", type=int, default=None, help="default: max(4, 2 x batch) at batch <= 4, else one batch")
+    ap.add_argument("--num-prompts", type=int, default=None, help="default: max(8, 2 x batch) at batch <= 4, else one batch")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--measures", nargs="+", default=None, help="default: every calibrated measure")
     ap.add_argument("--policies", nargs="+", default=["paper", "per_sequence"])
@@ -260,7 +260,7 @@ def main(argv=None):
     bw = read_bandwidth_gbps()
     print(f"measured read bandwidth: {bw:.1f} GB/s")
     for batch in args.batch_sizes:
-        n = args.num_prompts or (max(4, 2 * batch) if batch <= 4 else batch)
+        n = args.num_prompts or (max(8, 2 * batch) if batch <= 4 else batch)
         chat = [full.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(n)]
         ref = None
         for name, (llm, cfg) in variants.items():
@@ -322,7 +322,7 @@ def sweep(args, full: LLM, model, ec: ExitConfig, texts, source, kw) -> None:
     ee = LLM(args.model, early_exit=cfg, **kw)
     rows = []
     for batch in args.batch_sizes:
-        n = args.num_prompts or (max(4, 2 * batch) if batch <= 4 else batch)
+        n = args.num_prompts or (max(8, 2 * batch) if batch <= 4 else batch)
         chat = [full.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(n)]
         ref, full_tps, _, _ = run_engine(full, chat, batch, args.max_tokens)
         ref = [o.token_ids for o in ref]

@@ -30,3 +30,15 @@ def test_offline_bench_writes_rows_for_every_variant(tiny_model_dir, tmp_path, m
     assert all(by[(v, 1)] == by[(v, 2)] for v in variants)
     assert data["read_bandwidth_GBps"] > 0 and data["part_costs_ms"][0]["lm_head_ms"] > 0
     assert any(int(k) < data["num_layers"] for k in data["exit_layer_counts"]["ee-max_prob-per_sequence@1"])
+
+
+@pytest.mark.timeout(120)
+def test_plots_from_saved_results(tmp_path):
+    from bench.plots import plot_exit_histogram, plot_speed_vs_agreement
+
+    rows = [{"variant": "ee", "batch": b, "threshold": t, "speedup_vs_full": 1 + (1 - t) / 2, "agreement": t}
+            for b in (1, 16) for t in (0.5, 0.7, 0.9)]
+    plot_speed_vs_agreement(rows, tmp_path / "sweep.png")
+    plot_exit_histogram({"ee@1": {"2": 3, "6": 5}, "full@1": {"6": 8}}, 6, tmp_path / "hist.png")
+    for name in ("sweep.png", "hist.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

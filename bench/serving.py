@@ -1,0 +1,296 @@
+"""Online serving benchmark: early exit on vs off through the OpenAI-compatible HTTP API.
+
+In the manner of vLLM's ``benchmarks/benchmark_serving.py`` / ``vllm bench serve``: ``--num-prompts``
+chat requests (the shared prompt sets, :func:`bench.common.load_prompts`) are sent to
+``/v1/chat/completions`` with Poisson arrivals (exponential inter-arrival times of mean
+``1/rate`` s, fixed ``--seed``; ``inf`` sends them all at once) at each ``--request-rates`` value,
+streamed (``stream=True``, ``stream_options={"include_usage": True}``). Two variants run at each
+rate, one after the other, in alternating order from one rate to the next, with the same prompts
+and the same arrival times: ``ee-off`` (request field ``early_exit: false``: the full model) and
+``ee-on`` (the server's default exit threshold, or ``{"threshold": x}`` with ``--threshold``).
+
+Metrics follow vLLM's definitions; times in milliseconds, p50 and p99 over the completed requests:
+
+* TTFT, time to first token: from sending the request to the first chunk carrying non-empty
+  content (vLLM also counts an empty first chunk; our server streams the ``role`` chunk first).
+* ITL, inter-token latency: gaps between successive content chunks, pooled over all requests
+  (a chunk may carry more than one token, as in vLLM).
+* TPOT, time per output token: ``(e2e - ttft) / (output_tokens - 1)`` per request with more than
+  one output token.
+* E2E latency: from sending the request to the end of its stream.
+* Request throughput (req/s) and output-token throughput (tok/s): completed requests and
+  ``usage.completion_tokens`` summed, divided by the run's wall time (first send to last answer).
+* ``tpot_speedup``: median TPOT of ``ee-off`` / median TPOT of the variant at the same rate.
+* Mean exit layer (1-based, ``num_layers`` = full model) from the ``early_exit`` statistics our
+  server adds to the final streamed chunk (token-weighted over all requests of the run).
+
+Greedy decoding (``--temperature 0``) and a fixed ``--max-tokens``; the OpenAI API has no way to
+ignore EOS, so the actual output token counts are reported. Each run's prompts begin with a short
+run tag so that no run reuses the prefix-cached prompt blocks of an earlier run (cached prompt tokens
+are reported anyway).
+
+Against a running server (``serve run deployments:app``)::
+
+    python -m bench.serving --base-url http://127.0.0.1:8000/v1 --request-rates 0.5 1 2 inf
+
+or, with no ``--base-url``, a local Ray instance (``--ray-cpus`` CPUs) is started, the app deployed
+in-process (``deployments.testing.deploy``), and both shut down at the end::
+
+    python -m bench.serving --num-prompts 24 --request-rates 1 4 --max-tokens 48
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.common import load_prompts, print_table, save
+
+COLS = ["rate", "variant", "ok", "duration_s", "req_per_s", "out_tok_per_s", "ttft_p50", "ttft_p99", "tpot_p50",
+        "tpot_p99", "itl_p50", "itl_p99", "e2el_p50", "e2el_p99", "tpot_speedup", "mean_exit_layer", "mean_out_toks"]
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    ttft: float = 0.0  # s
+    latency: float = 0.0  # s
+    itl: list[float] = field(default_factory=list)  # s
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    early_exit: Optional[dict] = None
+
+
+async def send_request(client, model: str, prompt: str, max_tokens: int, temperature: float,
+                       extra_body: Optional[dict], pbar: Optional[tqdm] = None) -> RequestResult:
+    """One streamed chat completion, timed as in vLLM's ``async_request_openai_chat_completions``."""
+    res = RequestResult()
+    st = time.perf_counter()
+    last = st
+    try:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=temperature, stream=True, stream_options={"include_usage": True}, extra_body=extra_body)
+        async for chunk in stream:
+            ts = time.perf_counter()
+            if chunk.choices and chunk.choices[0].delta.content:
+                if res.ttft == 0.0:
+                    res.ttft = ts - st
+                else:
+                    res.itl.append(ts - last)
+                last = ts
+            if chunk.usage is not None:
+                res.output_tokens = chunk.usage.completion_tokens
+                res.prompt_tokens = chunk.usage.prompt_tokens
+                details = chunk.usage.prompt_tokens_details
+                res.cached_tokens = (details.cached_tokens or 0) if details is not None else 0
+                res.early_exit = (chunk.model_extra or {}).get("early_exit")
+        res.latency = time.perf_counter() - st
+        res.ok = res.ttft > 0.0 and res.output_tokens > 0
+        if not res.ok:
+            res.error = "no content or no usage in the stream"
+    except Exception as e:  # counted as failed, as in vLLM
+        res.error = f"{type(e).__name__}: {e}"[:300]
+    if pbar is not None:
+        pbar.update(1)
+    return res
+
+
+async def run_load(client, model: str, prompts: list[str], rate: float, seed: int, max_tokens: int,
+                   temperature: float, extra_body: Optional[dict], max_concurrency: Optional[int],
+                   desc: str) -> tuple[list[RequestResult], float]:
+    """Send ``prompts`` with Poisson arrivals at ``rate`` req/s; returns the results and the wall time (s)."""
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    pbar = tqdm(total=len(prompts), desc=desc, leave=False)
+
+    async def limited(prompt: str) -> RequestResult:
+        if sem is None:
+            return await send_request(client, model, prompt, max_tokens, temperature, extra_body, pbar)
+        async with sem:
+            return await send_request(client, model, prompt, max_tokens, temperature, extra_body, pbar)
+
+    tasks = []
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        tasks.append(asyncio.create_task(limited(prompt)))
+        if math.isfinite(rate) and i < len(prompts) - 1:
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - t0
+    pbar.close()
+    return list(results), duration
+
+
+def _ms(values: list[float], q: float) -> Optional[float]:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+def summarize(results: list[RequestResult], duration: float) -> dict:
+    """vLLM's metrics (ms, req/s, tok/s) plus early-exit statistics over the completed requests."""
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft for r in ok]
+    e2el = [r.latency for r in ok]
+    tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [x for r in ok for x in r.itl]
+    out_toks = sum(r.output_tokens for r in ok)
+    counts: Counter = Counter()
+    num_layers = 0
+    for r in ok:
+        if r.early_exit:
+            counts.update({str(k): int(v) for k, v in r.early_exit.get("exit_layer_counts", {}).items()})
+            num_layers = r.early_exit.get("num_layers", num_layers)
+    n_layers_seen = sum(counts.values())
+    row = {
+        "ok": len(ok), "failed": len(results) - len(ok), "duration_s": round(duration, 2),
+        "req_per_s": round(len(ok) / duration, 3), "out_tok_per_s": round(out_toks / duration, 2),
+        "total_output_tokens": out_toks, "mean_out_toks": round(out_toks / max(1, len(ok)), 1),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok), "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
+        "mean_exit_layer": (round(sum(int(k) * v for k, v in counts.items()) / n_layers_seen, 2)
+                            if n_layers_seen else None),
+        "num_layers": num_layers, "exit_layer_counts": dict(sorted(counts.items(), key=lambda kv: int(kv[0]))),
+    }
+    for name, vals in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        row[f"{name}_mean"] = round(float(np.mean(vals)) * 1000, 1) if vals else None
+        row[f"{name}_p50"] = _ms(vals, 50)
+        row[f"{name}_p99"] = _ms(vals, 99)
+    errors = [r.error for r in results if not r.ok]
+    if errors:
+        row["errors"] = sorted(set(errors))[:5]
+    return row
+
+
+# ------------------------------------------------------------------------------------- server
+def launch_server(args) -> str:
+    """Start a fresh local Ray instance and deploy the app in-process; returns the ``/v1`` base URL."""
+    import ray
+
+    from deployments.testing import deploy
+
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=args.verbose,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    serve_args = {"model": args.model, "dtype": args.dtype}
+    if args.torch_threads:
+        serve_args["torch_threads"] = args.torch_threads
+    print(f"deploying {serve_args} on a local Ray instance ...", flush=True)
+    t0 = time.perf_counter()
+    url = deploy(serve_args, args.app_name) + "/v1"
+    print(f"ready at {url} after {time.perf_counter() - t0:.1f} s", flush=True)
+    return url
+
+
+def shutdown_server() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------- main
+def variants(threshold: Optional[float]) -> dict[str, Optional[dict]]:
+    return {"ee-off": {"early_exit": False},
+            "ee-on": None if threshold is None else {"early_exit": {"threshold": threshold}}}
+
+
+async def benchmark(args, base_url: str) -> tuple[str, list[dict]]:
+    import httpx
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=args.api_key, max_retries=0,
+                         timeout=httpx.Timeout(args.request_timeout, connect=30.0))
+    try:
+        model = (await client.models.list()).data[0].id
+        prompts = load_prompts(args.num_prompts, args.prompt_offset)
+        vs = variants(args.threshold)
+        for name, body in vs.items():  # warm-up, untimed
+            r = await send_request(client, model, f"[warm-up {name}] Say hello.", 4, args.temperature, body)
+            if not r.ok:
+                raise RuntimeError(f"warm-up request ({name}) failed: {r.error}")
+        rows, run = [], 0
+        for k, rate in enumerate(args.request_rates):
+            order = list(vs) if k % 2 == 0 else list(vs)[::-1]
+            for name in order:
+                run += 1
+                tagged = [f"[run {run}] {p}" for p in prompts] if args.tag_prompts else prompts
+                results, duration = await run_load(client, model, tagged, rate, args.seed, args.max_tokens,
+                                                   args.temperature, vs[name], args.max_concurrency,
+                                                   desc=f"rate {rate:g} {name}")
+                row = {"rate": "inf" if math.isinf(rate) else rate, "variant": name, "order": run,
+                       **summarize(results, duration)}
+                rows.append(row)
+                print(f"rate {rate:g} {name}: {row['ok']} ok, {row['failed']} failed, {row['duration_s']} s, "
+                      f"{row['out_tok_per_s']} tok/s, mean exit layer {row['mean_exit_layer']}", flush=True)
+            off = next(r for r in rows if r["rate"] == rows[-1]["rate"] and r["variant"] == "ee-off")
+            for r in rows:
+                if r["rate"] == off["rate"]:
+                    r["tpot_speedup"] = (round(off["tpot_p50"] / r["tpot_p50"], 3)
+                                         if off["tpot_p50"] and r["tpot_p50"] else None)
+        return model, rows
+    finally:
+        await client.close()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base-url", default=None, help="e.g. http://127.0.0.1:8000/v1; default: --launch")
+    ap.add_argument("--launch", action="store_true", help="start Ray + the app in-process (the default "
+                                                          "when no --base-url is given)")
+    ap.add_argument("--api-key", default=os.environ.get("EESERVE_API_KEY") or "EMPTY")
+    ap.add_argument("--num-prompts", type=int, default=24)
+    ap.add_argument("--prompt-offset", type=int, default=0)
+    ap.add_argument("--request-rates", type=float, nargs="+", default=[1.0, 4.0],
+                    help="requests/s of the Poisson arrivals; inf sends all requests at once")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="ee-on's exit threshold (request field early_exit.threshold); default: the server's")
+    ap.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (as in vLLM)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the inter-arrival times")
+    ap.add_argument("--no-tag-prompts", dest="tag_prompts", action="store_false",
+                    help="send the prompts unchanged (runs after the first may then hit the prefix cache)")
+    ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    ap.add_argument("--name", default="serving", help="results file bench/results/<name>.json")
+    # --launch only
+    ap.add_argument("--model", default=None, help="(--launch) model path; default: SmolLM2-135M-Instruct")
+    ap.add_argument("--dtype", default="float32", help="(--launch)")
+    ap.add_argument("--torch-threads", type=int, default=None, help="(--launch) torch threads of the replica")
+    ap.add_argument("--ray-cpus", type=int, default=4, help="(--launch) num_cpus of the local Ray instance")
+    ap.add_argument("--app-name", default="bench", help="(--launch) Serve application name / route prefix")
+    ap.add_argument("--verbose", action="store_true", help="(--launch) show the Ray workers' logs")
+    args = ap.parse_args(argv)
+    if args.launch and args.base_url:
+        ap.error("--launch and --base-url are exclusive")
+    launch = args.base_url is None
+
+    base_url = launch_server(args) if launch else args.base_url.rstrip("/")
+    try:
+        model, rows = asyncio.run(benchmark(args, base_url))
+    finally:
+        if launch:
+            shutdown_server()
+    print_table(rows, COLS)
+    num_layers = next((r["num_layers"] for r in rows if r["num_layers"]), None)
+    path = save(args.name, {"args": {**vars(args), "request_rates": [str(r) for r in args.request_rates]},
+                            "base_url": None if launch else base_url, "model": model, "num_layers": num_layers,
+                            "units": {"ttft/tpot/itl/e2el": "ms", "req_per_s": "requests/s",
+                                      "out_tok_per_s": "output tokens/s"},
+                            "rows": rows})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
