@@ -86,7 +86,8 @@ def test_tiny_tp3_padded_vocab_matches_tp1(ray_session, tiny_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("early_exit", ["model-default", None], ids=["exit_on", "exit_off"])
 def test_default_model_tp3_matches_tp1(ray_session, default_model_dir, early_exit):
-    # the model's own exit config (exits at 8, 15, 22 of 30 layers, max_prob >= 0.9)
+    # the model's own exit config: shipped trained heads + exit classifiers (per-layer calibrated
+    # thresholds at layers 8..26), whose pass mask every rank all-reduces
     assert_same_as_size_1(default_model_dir, 3, early_exit, 3, 16, 2 if early_exit else 1)
 
 
