@@ -35,6 +35,16 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _save(fig, ax, path) -> Path:
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_speed_vs_agreement(rows: list[dict], path, agreement_key: str = "agreement",
                             title: Optional[str] = None) -> Path:
     """Speed-up over the full model (y) vs agreement with it (x), one line per (variant, batch).
@@ -72,13 +82,7 @@ def plot_speed_vs_agreement(rows: list[dict], path, agreement_key: str = "agreem
     ax.set_ylabel("speed-up over the full model (output tokens/s ratio)")
     ax.set_title(title or "Speed vs agreement as the exit threshold varies (labels: threshold)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_exit_histogram(counts_by_variant: dict[str, dict], num_layers: Optional[int], path,
@@ -107,13 +111,7 @@ def plot_exit_histogram(counts_by_variant: dict[str, dict], num_layers: Optional
     ax.set_ylim(0, 1.05)
     ax.set_title(title or "Exit-layer distribution")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def exit_counts_from_results(data: dict) -> tuple[dict[str, dict], Optional[int]]:

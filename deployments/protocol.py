@@ -227,21 +227,30 @@ class Usage(BaseModel):
     prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    text: str
     logprobs: None = None
     finish_reason: Optional[str] = None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """Fields every completion / chat response and streamed chunk shares (``object`` set by each)."""
+
     id: str
-    object: str = "text_completion"
+    object: str
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Optional[Usage] = None
     early_exit: Optional[EarlyExitStats] = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_Response):
+    object: str = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -249,18 +258,12 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Optional[str] = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: str = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
     early_exit: EarlyExitStats
@@ -271,21 +274,13 @@ class Delta(BaseModel):
     content: Optional[str] = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_Choice):
     delta: Delta
-    logprobs: None = None
-    finish_reason: Optional[str] = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: str = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[Usage] = None
-    early_exit: Optional[EarlyExitStats] = None
 
 
 class CompletionChunk(CompletionResponse):
