@@ -10,6 +10,37 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+TOPICS = ["the moon", "bread", "rivers", "a bicycle", "volcanoes", "chess", "bees", "glass", "the ocean",
+          "trains", "music", "winter", "maps", "coffee", "robots", "forests"]
+
+
+def write_test_prompts(path: str) -> str:
+    """A small prompt set in the two formats of ``../shared/data/prompts`` (Vicuna ``turns``;
+    Alpaca/Self-Instruct ``instruction`` + ``instances``): the suite never depends on files outside
+    the repository, so a clean clone tests the same way anywhere."""
+    import json
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "vicuna_bench.jsonl"), "w") as f:
+        for i, t in enumerate(TOPICS):
+            f.write(json.dumps({"question_id": i + 1, "turns": [f"Write two sentences about {t}."]}) + "\n")
+    with open(os.path.join(path, "alpaca_seed_tasks.jsonl"), "w") as f:
+        for i, t in enumerate(TOPICS):
+            f.write(json.dumps({"id": f"seed_task_{i}", "instruction": f"Explain how {t} works.",
+                                "instances": [{"input": f"Keep it short: {t}.", "output": ""}]}) + "\n")
+            f.write(json.dumps({"id": f"seed_task_{100 + i}", "instruction": f"List three facts about {t}.",
+                                "instances": [{"input": "", "output": ""}]}) + "\n")
+    return path
+
+
+def pytest_configure(config):
+    # prompts for exit training, calibration and benchmarks (read via these variables)
+    import tempfile
+
+    path = write_test_prompts(os.path.join(tempfile.mkdtemp(prefix="eeserve-prompts-"), "prompts"))
+    os.environ["EESERVE_PROMPTS_DIR"] = path  # cluster.training.data.default_prompts_dir
+    os.environ["EESERVE_PROMPTS"] = path  # bench.common.PROMPT_DIR
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
