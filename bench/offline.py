@@ -75,14 +75,17 @@ def measure_configs(ec: ExitConfig, alternatives: dict) -> dict[str, ExitConfig]
     return out
 
 
-def load_alternatives(model_dir: str) -> dict:
-    from cluster.llm import model_exit_config_path
+def own_exit_config(model_dir: str, num_layers: int) -> tuple[ExitConfig, dict]:
+    """The model's own exit config and the calibrated ``alternatives`` recorded in the same file
+    (located once: finding shipped heads fingerprints the model's weights)."""
+    from cluster.llm import model_exit_config_path, read_exit_config
 
     path = model_exit_config_path(model_dir)
     if path is None:
-        return {}
+        return ExitConfig.default_for(num_layers), {}
     with open(path) as f:
-        return json.load(f).get("calibration", {}).get("alternatives", {})
+        alternatives = json.load(f).get("calibration", {}).get("alternatives", {})
+    return read_exit_config(path), alternatives
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -200,22 +203,28 @@ def read_bandwidth_gbps(gib: float = 1.0) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def weight_bytes_per_token(model, ec: Optional[ExitConfig], mean_exit_layer: float) -> float:
+def _bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def weight_bytes_per_token(model, heads, mean_exit_layer: float) -> float:
     """Weight bytes one batch-1 token reads: layers run + K/V projections of skipped layers (KV
-    fill) + the final norm/LM head + exit heads checked (approximated by every exit layer below the
-    mean exit layer)."""
+    fill) + the final norm/LM head + the exit checks made (every exit layer below the mean exit
+    layer, plus the exit itself), sized from the loaded ``heads`` (:class:`ExitHeads`, None: full)."""
     layers = model.model.layers
-    per_layer = sum(p.numel() * p.element_size() for p in layers[0].parameters())
-    kv = sum(p.numel() * p.element_size() for p in layers[0].self_attn.qkv_proj.parameters())
+    per_layer = _bytes(layers[0])
+    kv = _bytes(layers[0].self_attn.qkv_proj)
     kv = kv * 2 * model.config.num_kv_heads / (model.config.num_heads + 2 * model.config.num_kv_heads)
     lm = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     L = len(layers)
     total = mean_exit_layer * per_layer + (L - mean_exit_layer) * kv + lm
-    if ec is not None:
-        checks = sum(1 for l in ec.exit_layers if l < mean_exit_layer) + 1
-        total += checks * (model.config.hidden_size * 128 * 2 * 2 if ec.head == "trained" else 0)
-        if ec.confidence != "classifier":
-            total += checks * lm  # every check computes the exit's full-vocabulary logits
+    if heads is not None:
+        checks = sum(1 for l in heads.cfg.exit_layers if l < mean_exit_layer) + 1
+        adapter = _bytes(next(iter(heads.heads.values()))) if len(heads.heads) else 0
+        if len(heads.classifiers):  # cheap checks; the adapter runs once, for the exit
+            total += checks * _bytes(next(iter(heads.classifiers.values()))) + adapter
+        else:  # every check computes the exit's full-vocabulary logits
+            total += checks * (adapter + lm)
     return total
 
 
@@ -238,7 +247,6 @@ def main(argv=None):
     ap.add_argument("--name", default=None, help="JSON name under bench/results (default: offline / offline-sweep)")
     args = ap.parse_args(argv)
 
-    from cluster.llm import model_exit_config
     from cluster.model.loader import resolve_model_dir
 
     model_dir = resolve_model_dir(args.model)
@@ -246,8 +254,8 @@ def main(argv=None):
     full = LLM(args.model, early_exit=None, **kw)
     model = full.engine.workers.local.runner.model
     L = full.engine.model_config.num_layers
-    ec = model_exit_config(model_dir, L)
-    configs = measure_configs(ec, load_alternatives(model_dir))
+    ec, alternatives = own_exit_config(model_dir, L)
+    configs = measure_configs(ec, alternatives)
     if args.measures:
         configs = {m: c for m, c in configs.items() if m in args.measures}
     texts, source = held_out_prompts(ec)
@@ -292,7 +300,7 @@ def main(argv=None):
             else:
                 row["agreement_tf"] = 1.0
             if batch == 1:
-                gbps = weight_bytes_per_token(model, cfg, mean_layer) * tps / 1e9
+                gbps = weight_bytes_per_token(model, llm.engine.workers.local.runner.heads, mean_layer) * tps / 1e9
                 row.update(weight_GBps=round(gbps, 2), bandwidth_fraction=round(gbps / bw, 3))
             rows.append(row)
             hist[f"{name}@{batch}"] = {str(k): v for k, v in sorted(counts.items())}

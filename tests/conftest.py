@@ -113,3 +113,20 @@ def ray_session():
 def copy_dir(src: str, dst) -> str:
     shutil.copytree(src, dst)
     return str(dst)
+
+
+@pytest.fixture(scope="session")
+def train_tiny_exits(tiny_factory, tmp_path_factory):
+    """``train_tiny_exits(name, layers, data, settings, **kw) -> (model_dir, work_dir, summary)``:
+    ``eeserve train-exits`` (quietly) on the tiny model variant ``name``, in a fresh work dir."""
+
+    def train(name: str, layers, data, settings, **kw):
+        from cluster.training.pipeline import train_exits
+
+        model_dir = tiny_factory(name)
+        work = str(tmp_path_factory.mktemp(f"{name}-work"))
+        summary = train_exits(model_dir, exit_layers=layers, data=data, settings=settings, work_dir=work,
+                              progress=False, log=lambda m: None, **kw)
+        return model_dir, work, summary
+
+    return train

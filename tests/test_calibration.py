@@ -56,16 +56,13 @@ def test_policy_stats_follow_first_confident_exit():
 
 
 @pytest.fixture(scope="module")
-def tiny_heads(tiny_factory, tmp_path_factory):
-    from cluster.training.pipeline import DataSettings, train_exits
+def tiny_heads(train_tiny_exits):
+    from cluster.training.pipeline import DataSettings
     from cluster.training.train import TrainSettings
 
-    model_dir = tiny_factory("calibration")
-    work = str(tmp_path_factory.mktemp("calib-work"))
     data = DataSettings(max_new_tokens=16, num_calib=6, num_test=3, max_train=6, num_agreement_eval=1)
     settings = TrainSettings(rank=16, epochs=4, batch_size=16, lr=1e-2, classifier_epochs=4, negatives=512)
-    train_exits(model_dir, exit_layers=(2, 3, 4), data=data, settings=settings,
-                work_dir=work, calibrate=False, progress=False, log=lambda m: None)
+    model_dir, work, _ = train_tiny_exits("calibration", (2, 3, 4), data, settings, calibrate=False)
     return model_dir, work
 
 

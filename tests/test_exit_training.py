@@ -14,17 +14,14 @@ LAYERS = (2, 4)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_factory, tmp_path_factory):
+def trained(train_tiny_exits):
     """Heads + classifiers trained on the tiny model (written into its directory), and the summary."""
-    from cluster.training.pipeline import DataSettings, train_exits
+    from cluster.training.pipeline import DataSettings
     from cluster.training.train import TrainSettings
 
-    model_dir = tiny_factory("exit-training")
-    work = str(tmp_path_factory.mktemp("exit-work"))
     data = DataSettings(max_new_tokens=16, num_calib=4, num_test=4, max_train=8, num_agreement_eval=2)
     settings = TrainSettings(rank=16, epochs=6, batch_size=16, lr=1e-2, classifier_epochs=4, negatives=512)
-    summary = train_exits(model_dir, exit_layers=LAYERS, data=data, settings=settings, work_dir=work,
-                          progress=False, log=lambda m: None)
+    model_dir, work, summary = train_tiny_exits("exit-training", LAYERS, data, settings)
     return model_dir, work, data, settings, summary
 
 

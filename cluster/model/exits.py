@@ -75,8 +75,8 @@ class ExitClassifier(nn.Module):
 
     RMSNorm -> Linear(hidden, width) -> SiLU -> Linear(width, 1) -> sigmoid: about ``hidden * width``
     multiply-adds per row, versus ``hidden * vocab`` for one LM head. It holds no vocab-parallel
-    state, so with tensor parallelism every rank computes the same value from the same (replicated)
-    hidden state and all ranks take the same exit decision without communication.
+    state: with tensor parallelism every rank computes it from the same (replicated) hidden state,
+    and :meth:`ExitHeads.check` all-reduces the resulting exit mask so the decision is shared.
     """
 
     def __init__(self, hidden_size: int, width: int, eps: float):
@@ -134,9 +134,7 @@ class ExitHeads(nn.Module):
 
     def local_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """``[n, hidden]`` hidden states after ``layer`` layers -> ``[n, V_local]`` float32 logits."""
-        if str(layer) in self.heads:
-            h = self.heads[str(layer)](h)
-        return self.model[0].final_local_logits(h)
+        return self.model[0].final_local_logits(self.exit_state(layer, h))
 
     def resolve_thresholds(self, layer: int, thresholds: torch.Tensor) -> torch.Tensor:
         """``thresholds: [n]`` per-row thresholds, NaN meaning "the config's default" -> ``[n]`` with

@@ -223,13 +223,19 @@ def _settings_tag(settings: TrainSettings) -> str:
 
 
 def write_exit_config(path: str, data: dict) -> None:
-    """Validate ``data`` as an :class:`ExitConfig` (extra keys are notes) and write it atomically."""
-    ExitConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()
-                  if k in ExitConfig.__dataclass_fields__})
+    """Write ``data`` atomically after validating it exactly as it will be read back
+    (:func:`cluster.llm.read_exit_config`: extra keys are notes). Raises ValueError if invalid."""
+    from cluster.llm import read_exit_config
+
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+    try:
+        read_exit_config(tmp)
+    except Exception:
+        os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
