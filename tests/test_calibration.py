@@ -55,6 +55,19 @@ def test_policy_stats_follow_first_confident_exit():
     assert policy_stats(pred, "classifier", {4: 0.5})["agreement"] == 1.0  # layer 2 disabled
 
 
+def test_oracle_exits_at_first_agreeing_layer():
+    from cluster.training.calibrate import CostModel, oracle_stats
+    from cluster.training.evaluate import ExitPredictions
+
+    agree = np.array([[False, True], [True, True], [False, False]])
+    conf = np.zeros(agree.shape, np.float32)
+    pred = ExitPredictions((2, 4), 6, agree, {"classifier": conf}, conf, np.arange(3))
+    cost = CostModel(6, layer=1.0, kv_fill=0.0, lm_head=0.0, adapter=0.0, classifier=0.0)
+    o = oracle_stats(pred, cost)
+    assert o["exit_fraction"] == pytest.approx(2 / 3) and o["mean_exit_layer"] == pytest.approx((4 + 2 + 6) / 3)
+    assert o["compute_fraction"] == pytest.approx((4 + 2 + 6) / 18) and o["speedup"] == pytest.approx(18 / 12)
+
+
 @pytest.fixture(scope="module")
 def tiny_heads(train_tiny_exits):
     from cluster.training.pipeline import DataSettings

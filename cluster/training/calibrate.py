@@ -166,3 +166,19 @@ def policy_stats(pred: ExitPredictions, measure: str, thresholds: dict[int, floa
         "mean_exit_layer": float(layer_of.mean()) if N else float(pred.num_layers),
         "compute_fraction": float(c.mean() / cost.full) if N else 1.0,
     }
+
+
+def oracle_stats(pred: ExitPredictions, cost: CostModel) -> dict:
+    """Upper bound of the heads themselves: every position leaves at its first exit layer whose token
+    agrees with the full model's (checks free, agreement 100%). Returns the exit fraction, mean exit
+    layer, modelled compute share (see :class:`CostModel`) and the implied speed-up."""
+    N, E = pred.agree.shape
+    if not N:
+        return {"exit_fraction": 0.0, "mean_exit_layer": float(pred.num_layers), "compute_fraction": 1.0,
+                "speedup": 1.0}
+    first = np.where(pred.agree.any(1), pred.agree.argmax(1), E)
+    layer = np.append(np.asarray(pred.layers), pred.num_layers)[first]
+    c = np.where(first < E, layer * cost.layer + (cost.num_layers - layer) * cost.kv_fill + cost.lm_head, cost.full)
+    frac = float(c.mean() / cost.full)
+    return {"exit_fraction": float((first < E).mean()), "mean_exit_layer": float(layer.mean()),
+            "compute_fraction": frac, "speedup": 1.0 / frac}

@@ -254,7 +254,7 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
     """
     from cluster.llm import read_exit_config
     from cluster.model.exits import ExitHeads
-    from cluster.training.calibrate import CostModel, choose_thresholds, policy_stats, single_threshold
+    from cluster.training.calibrate import CostModel, choose_thresholds, oracle_stats, policy_stats, single_threshold
     from cluster.training.evaluate import exit_predictions, heads_layers
 
     with open(config_path) as f:
@@ -293,7 +293,8 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
               "single_threshold": shared,
               "teacher_forced_agreement": {s: p.agreement() for s, p in pred.items()},
               "calib": policy_stats(pred["calib"], measure, thr, cost),
-              "test": policy_stats(pred["test"], measure, thr, cost)}
+              "test": policy_stats(pred["test"], measure, thr, cost),
+              "oracle_test": oracle_stats(pred["test"], cost)}
     for other in sorted(pred["calib"].conf):  # what the other measures would give (for comparison)
         if other != measure:
             o = choose_thresholds(pred["calib"], other, search, cost)
@@ -324,7 +325,8 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
     log(f"calibrate: {measure} thresholds {json.dumps({l: round(v, 4) for l, v in thr.items()})}; calib agreement "
         f"{c['agreement']:.2%} (target {target:.0%}), test agreement {te['agreement']:.2%}, test exits "
         f"{te['exit_fraction']:.1%}, mean exit layer {te['mean_exit_layer']:.1f}/{ws.model_config.num_layers}, "
-        f"modelled compute {te['compute_fraction']:.1%}; wrote {config_path}")
+        f"modelled compute {te['compute_fraction']:.1%} (an oracle exit decision with these heads: "
+        f"{result['oracle_test']['compute_fraction']:.1%}); wrote {config_path}")
     return result
 
 
