@@ -1,0 +1,142 @@
+"""The engine's typed boundary (after vLLM v1's ``EngineCoreRequest`` / ``RequestOutput``).
+
+One :class:`EngineRequest` goes in; the engine validates it once against the model and its KV
+capacity (raising :class:`InvalidRequestError`) and answers with a stream of :class:`RequestOutput`
+deltas. Every front end (offline :class:`cluster.llm.LLM`, the Serve replica, the HTTP ingress) uses
+these types and nothing else: pure Python, pickled cheaply between Ray processes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.sampling import SamplingParams
+
+FULL_MODEL_THRESHOLD = float("inf")  # an exit threshold above 1 runs the full model
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; the HTTP layer maps it to a 400 OpenAI error object.
+
+    Attributes:
+        param: the request field at fault (OpenAI's ``param``), e.g. ``"prompt"``, ``"max_tokens"``.
+        code: a short machine-readable code, e.g. ``"context_length_exceeded"``, ``"invalid_value"``.
+        message: human-readable text naming the field and the limit.
+    """
+
+    def __init__(self, param: Optional[str], message: str, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param, self.code, self.message = param, code, message
+
+    def __reduce__(self):  # keep param/code through pickling (Ray)
+        return (InvalidRequestError, (self.param, self.message, self.code))
+
+
+class EngineRequest(BaseModel):
+    """One generation request as the engine receives it.
+
+    Attributes:
+        request_id: unique among the engine's unfinished requests.
+        prompt_token_ids: ``[P]`` token ids, ``1 <= P < max_model_len``, each in ``[0, vocab_size)``.
+        sampling_params: sampling, stopping, penalties, logprobs and guided decoding.
+        exit_threshold: per-request early-exit confidence threshold; None: the engine's exit config
+            (per exit layer if calibrated); ``> 1`` (e.g. :data:`FULL_MODEL_THRESHOLD`): full model.
+        max_tokens_is_default: the client gave no ``max_tokens``: the engine lowers it to what the
+            context window and the KV cache can hold instead of refusing the request.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_id: str
+    prompt_token_ids: list[int] = Field(min_length=1)
+    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
+    exit_threshold: Optional[float] = Field(None, ge=0.0)
+    max_tokens_is_default: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token and the ``k`` most likely alternatives.
+
+    ``top`` holds ``(token_id, logprob)`` pairs, most likely first (empty when ``logprobs == 0``).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """One request's delta after an engine step (the last one has ``finished=True``).
+
+    ``new_*`` fields hold only what this step added; ``new_text`` is safe to show (incomplete UTF-8
+    characters and a possible partial stop string are held back until resolved), so the
+    concatenated ``new_text`` of all deltas is the final text. ``new_exit_layers[i]`` is the number
+    of decoder layers run for ``new_token_ids[i]`` (``num_layers`` = full model). ``finish_reason``
+    is ``stop``, ``length``, ``abort`` or ``error`` (then ``error`` holds the message; only this
+    request failed). Times are ``time.monotonic()`` seconds.
+    """
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    new_exit_layers: list[int] = field(default_factory=list)
+    new_logprobs: Optional[list[TokenLogprob]] = None
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[object] = None  # the stop string or stop token id that finished it
+    error: Optional[str] = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
+    num_cached_tokens: int = 0
+    num_layers: int = 0
+    arrival_time: float = 0.0
+    first_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+
+
+@dataclass
+class CompletionOutput:
+    """A finished request, accumulated from its deltas (what offline :class:`cluster.llm.LLM` returns)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)
+    logprobs: Optional[list[TokenLogprob]] = None
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[object] = None
+    error: Optional[str] = None
+    num_layers: int = 0
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+
+    def add(self, delta: RequestOutput) -> "CompletionOutput":
+        """Append one delta (returns self)."""
+        self.text += delta.new_text
+        self.token_ids += delta.new_token_ids
+        self.exit_layers += delta.new_exit_layers
+        if delta.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.new_logprobs
+        self.finished, self.finish_reason = delta.finished, delta.finish_reason
+        self.stop_reason, self.error = delta.stop_reason, delta.error
+        self.num_layers, self.num_cached_tokens = delta.num_layers, delta.num_cached_tokens
+        self.arrival_time, self.first_token_time = delta.arrival_time, delta.first_token_time
+        self.finished_time = delta.finished_time
+        return self
+
+
+# backwards-compatible name of the accumulated result
+GenerationOutput = CompletionOutput
+
+
+def now() -> float:
+    return time.monotonic()
