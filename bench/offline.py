@@ -78,7 +78,7 @@ def measure_configs(ec: ExitConfig, alternatives: dict) -> dict[str, ExitConfig]
 def own_exit_config(model_dir: str, num_layers: int) -> tuple[ExitConfig, dict]:
     """The model's own exit config and the calibrated ``alternatives`` recorded in the same file
     (located once: finding shipped heads fingerprints the model's weights)."""
-    from cluster.llm import model_exit_config_path, read_exit_config
+    from cluster.engine.factory import model_exit_config_path, read_exit_config
 
     path = model_exit_config_path(model_dir)
     if path is None:

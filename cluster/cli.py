@@ -25,7 +25,7 @@ def _stats(exit_layers: list[int], num_layers: int) -> dict:
 
 def cmd_generate(args) -> int:
     from cluster import LLM, ExitConfig, SamplingParams
-    from cluster.llm import MODEL_DEFAULT
+    from cluster.engine.factory import MODEL_DEFAULT
 
     early_exit = MODEL_DEFAULT
     if args.no_early_exit:

@@ -1,142 +1,19 @@
 """Offline API: ``LLM(...).generate(prompts, params)`` and ``.chat(conversations, params)``."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
+import itertools
 from typing import Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from cluster.engine.engine import GenerationOutput, LLMEngine
+from cluster.config import ExitConfig
+from cluster.engine.factory import (ASSETS_DIR, EXIT_CONFIG_FILE, MODEL_DEFAULT, create_engine,  # noqa: F401
+                                    load_tokenizer, model_exit_config, model_exit_config_path,
+                                    model_fingerprint, read_exit_config, shipped_exit_config_path)
+from cluster.engine.protocol import CompletionOutput, EngineRequest, InvalidRequestError
 from cluster.sampling import SamplingParams
 
-MODEL_DEFAULT = "model-default"  # sentinel: the model's own exit config
-EXIT_CONFIG_FILE = "exit_config.json"
-
-
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-FINGERPRINT_TENSORS = ("model.embed_tokens.weight", "model.norm.weight")
-
-
-def model_fingerprint(model_dir: str) -> str:
-    """Identity of a model's weights: ``sha256`` over its architecture and a few weight slices.
-
-    Reads only small memory-mapped slices (no full load), converted to float32 so a checkpoint's
-    storage dtype does not matter. Used to match shipped exit heads to a model.
-    """
-    import glob
-
-    import torch
-    from safetensors import safe_open
-
-    from cluster.model.loader import load_hf_config
-
-    mc = ModelConfig.from_hf_config(load_hf_config(model_dir))
-    h = hashlib.sha256(json.dumps([mc.model_type, mc.vocab_size, mc.hidden_size, mc.intermediate_size,
-                                   mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim]).encode())
-    names = (*FINGERPRINT_TENSORS, f"model.layers.{mc.num_layers - 1}.mlp.down_proj.weight")
-    found = {}
-    for file in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                if name in f.keys() and name not in found:
-                    sl = f.get_slice(name)
-                    found[name] = (sl[:8] if len(sl.get_shape()) > 1 else sl[:]).to(torch.float32)
-    for name in names:
-        if name in found:
-            h.update(name.encode() + found[name].contiguous().numpy().tobytes())
-    return "sha256:" + h.hexdigest()[:24]
-
-
-def read_exit_config(path: str) -> ExitConfig:
-    """An ``exit_config.json``: ExitConfig fields (others, e.g. calibration notes, are ignored);
-    a relative ``heads_path`` is relative to the file's directory."""
-    with open(path) as f:
-        data = json.load(f)
-    fields = {f.name for f in dataclasses.fields(ExitConfig)}
-    data = {k: v for k, v in data.items() if k in fields}
-    data["exit_layers"] = tuple(data.get("exit_layers", ()))
-    if data.get("layer_thresholds") is not None:
-        data["layer_thresholds"] = tuple(float(t) for t in data["layer_thresholds"])
-    if data.get("heads_path") and not os.path.isabs(data["heads_path"]):
-        data["heads_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), data["heads_path"])
-    return ExitConfig(**data)
-
-
-def shipped_exit_config_path(model_dir: str) -> Optional[str]:
-    """The ``cluster/assets/*exit_config.json`` whose ``model_fingerprint`` matches the model, if any."""
-    if not os.path.isdir(ASSETS_DIR):
-        return None
-    cands = []
-    for name in sorted(os.listdir(ASSETS_DIR)):
-        if name.endswith(EXIT_CONFIG_FILE):
-            try:
-                with open(os.path.join(ASSETS_DIR, name)) as f:
-                    fp = json.load(f).get("model_fingerprint")
-            except (OSError, ValueError):
-                continue
-            if fp:
-                cands.append((fp, os.path.join(ASSETS_DIR, name)))
-    if not cands:
-        return None
-    mine = model_fingerprint(model_dir)
-    return next((p for fp, p in cands if fp == mine), None)
-
-
-def model_exit_config_path(model_dir: str) -> Optional[str]:
-    """Where the model's own exit config lives: ``exit_config.json`` in its directory, else shipped
-    heads in ``cluster/assets`` matched by fingerprint; None if neither."""
-    path = os.path.join(model_dir, EXIT_CONFIG_FILE)
-    return path if os.path.exists(path) else shipped_exit_config_path(model_dir)
-
-
-def model_exit_config(model_dir: str, num_layers: int) -> ExitConfig:
-    """The model's own exit config (see :func:`model_exit_config_path`), else exits at 1/4, 1/2, 3/4."""
-    path = model_exit_config_path(model_dir)
-    if path is not None:
-        return read_exit_config(path)
-    return ExitConfig.default_for(num_layers)
-
-
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
-                  early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "float32",
-                  max_model_len: Optional[int] = None, block_size: int = 16, num_blocks: Optional[int] = None,
-                  kv_cache_memory_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
-                  max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
-                  **worker_kwargs) -> LLMEngine:
-    """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
-
-    Raises:
-        FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype,
-        head counts not divisible by ``tensor_parallel_size``, or an invalid exit config.
-    """
-    from cluster.model.loader import DTYPES, load_hf_config, resolve_model_dir
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model_dir = resolve_model_dir(model)
-    model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len)
-    for what, n in (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads)):
-        if n % tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size: {what} ({n}) is not divisible by {tensor_parallel_size}")
-    exit_config = model_exit_config(model_dir, model_config.num_layers) if early_exit == MODEL_DEFAULT else early_exit
-    return LLMEngine(
-        model_dir, load_tokenizer(model_dir), model_config,
-        CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                    enable_prefix_caching=enable_prefix_caching),
-        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        max_model_len=model_config.max_model_len),
-        ParallelConfig(tensor_parallel_size=tensor_parallel_size, device=device),
-        exit_config, **worker_kwargs)
+_batch_ids = itertools.count()
 
 
 class LLM:
@@ -156,42 +33,46 @@ class LLM:
 
     def generate(self, prompts: Union[str, list[int], Sequence[Union[str, list[int]]]],
                  params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
-                 use_tqdm: bool = False, exit_threshold: Optional[float] = None) -> list[GenerationOutput]:
+                 use_tqdm: bool = False, exit_threshold: Optional[float] = None) -> list[CompletionOutput]:
         """Generate for every prompt (strings or token-id lists) as one continuously batched run.
 
         ``exit_threshold`` overrides the exit config's threshold for these requests (> 1: full model).
 
-        Returns one :class:`GenerationOutput` per prompt, in order.
+        Returns one :class:`~cluster.engine.protocol.CompletionOutput` per prompt, in order
+        (``finish_reason == "error"`` with ``error`` set if that request alone failed).
 
         Raises:
-            ValueError: an invalid prompt; nothing is queued in that case.
+            InvalidRequestError: an invalid prompt or parameter (a ``ValueError``); nothing is queued then.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
-            raise ValueError("params: need one SamplingParams per prompt")
-        token_prompts = [self.engine.tokenize(p) for p in prompts]  # validate all before queueing any
-        limit = self.engine.model_config.max_model_len
-        for i, ids in enumerate(token_prompts):
-            if len(ids) >= limit:
-                raise ValueError(f"prompt: prompt {i} has {len(ids)} tokens; max_model_len is {limit}")
-        ids = [self.engine.add_request(p, sp, exit_threshold=exit_threshold) for p, sp in zip(token_prompts, plist)]
-        results: dict[str, GenerationOutput] = {}
-        bar = tqdm(total=len(ids), desc="generate", disable=not use_tqdm)
+            raise InvalidRequestError("params", "params: need one SamplingParams per prompt")
+        base = f"llm-{next(_batch_ids)}"
+        reqs = [EngineRequest(request_id=f"{base}-{i}", prompt_token_ids=self.engine.tokenize(p), sampling_params=sp,
+                              exit_threshold=exit_threshold) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        reqs = [self.engine.validate(r) for r in reqs]  # validate all before queueing any
+        results = {r.request_id: CompletionOutput(r.request_id, list(r.prompt_token_ids)) for r in reqs}
+        done: set[str] = set()
+        bar = tqdm(total=len(reqs), desc="generate", disable=not use_tqdm)
         try:
-            while len(results) < len(ids):
+            for r in reqs:
+                self.engine.add_request(r)
+            while len(done) < len(reqs):
                 for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        bar.update(1)
+                    if out.request_id in results:
+                        results[out.request_id].add(out)
+                        if out.finished:
+                            done.add(out.request_id)
+                            bar.update(1)
         except BaseException:
-            self.engine.abort_request([i for i in ids if i not in results])
+            self.engine.abort_request([r.request_id for r in reqs if r.request_id not in done])
             raise
         finally:
             bar.close()
-        return [results[i] for i in ids]
+        return [results[r.request_id] for r in reqs]
 
     def apply_chat_template(self, conversation: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)

@@ -56,6 +56,9 @@ class ServeArgs(BaseModel):
     router_block_size: int = Field(16, ge=1)
     # ---- ingress
     api_key: Optional[str] = Field(None, description=f"require this bearer key; default: ${API_KEY_ENV}")
+    default_max_tokens: Optional[int] = Field(
+        None, ge=1, description="max_tokens of requests that give none; None: chat gets the rest of the context "
+                                "(lowered to the KV capacity by the engine), completions 16 (the OpenAI default)")
     ingress_num_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0.0)
 
@@ -64,7 +67,7 @@ class ServeArgs(BaseModel):
     def _empty_is_none(cls, v):
         return None if v in ("", "None", "none", "null") else v
 
-    @field_validator("num_replicas", mode="before")
+    @field_validator("num_replicas", "default_max_tokens", mode="before")
     @classmethod
     def _replicas(cls, v):
         return None if v in ("", "None", "none", "null") else v
@@ -111,8 +114,8 @@ class ServeArgs(BaseModel):
         return [{"CPU": self.replica_num_cpus or 0.001}] + [dict(rank) for _ in range(self.tensor_parallel_size)]
 
     def engine_kwargs(self, device: str) -> dict:
-        """Keyword arguments of :func:`cluster.llm.create_engine` (placement group added by the replica)."""
-        from cluster.llm import MODEL_DEFAULT
+        """Keyword arguments of :func:`cluster.engine.factory.create_engine` (placement group added by the replica)."""
+        from cluster.engine.factory import MODEL_DEFAULT
 
         return dict(model=self.model, tensor_parallel_size=self.tensor_parallel_size,
                     early_exit=MODEL_DEFAULT if self.early_exit else None, dtype=self.dtype,

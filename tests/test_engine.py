@@ -65,7 +65,7 @@ def test_kv_fill_matches_exit_hidden_state(tiny_model_dir):
     eng.add_request(PROMPTS[3], greedy(3), request_id="r")
     while True:  # run until the request has one decode token done (exits at layer 2 by threshold 0)
         outs = eng.step()
-        if outs and len(outs[0].token_ids) == 2:
+        if outs and outs[0].num_output_tokens == 2:
             break
     hook.remove()
     req = eng.scheduler.get_request("r")
@@ -112,20 +112,24 @@ def test_prefix_caching_reuses_blocks_and_keeps_output(tiny_model_dir):
 def test_continuous_batching_admits_midflight(tiny_model_dir):
     llm = LLM(tiny_model_dir, early_exit=EE, block_size=4)
     eng = llm.engine
+    tokens = {"a": [], "b": []}
+
+    def step():
+        for o in eng.step():
+            tokens[o.request_id] += o.new_token_ids
+
     eng.add_request(PROMPTS[0], greedy(30), request_id="a")
     for _ in range(5):
-        eng.step()
+        step()
     assert eng.scheduler.num_running == 1
     eng.add_request(PROMPTS[1], greedy(5), request_id="b")
-    eng.step()
+    step()
     assert eng.scheduler.num_running == 2  # joined between iterations while "a" is mid-decode
-    finished = {}
     while eng.has_unfinished_requests():
         for o in eng.step():
-            if o.finished:
-                finished[o.request_id] = o
-    assert len(finished["a"].token_ids) == 30 and len(finished["b"].token_ids) == 5
-    assert finished["b"].token_ids == llm.generate(PROMPTS[1], greedy(5))[0].token_ids
+            tokens[o.request_id] += o.new_token_ids
+    assert len(tokens["a"]) == 30 and len(tokens["b"]) == 5
+    assert tokens["b"] == llm.generate(PROMPTS[1], greedy(5))[0].token_ids
     eng.check_integrity()
 
 

@@ -148,10 +148,8 @@ def test_engine_serves_trained_heads_with_classifier(trained):
     try:
         outs = llm.generate(prompts, params)
         assert all(o.exit_layers[1:] == [LAYERS[0]] * 11 for o in outs)  # threshold 0: every decode exits first
-        rid = llm.engine.add_request(prompts[0], params, exit_threshold=float("inf"))  # full model on request
-        while llm.engine.has_unfinished_requests():
-            done = [o for o in llm.engine.step() if o.finished]
-        assert done[0].request_id == rid and done[0].token_ids == ref[0]
+        full = llm.generate(prompts[0], params, exit_threshold=float("inf"))[0]  # full model on request
+        assert full.token_ids == ref[0]
     finally:
         llm.shutdown()
     default = LLM(model_dir)  # the model directory's own exit config: trained heads + calibrated classifier

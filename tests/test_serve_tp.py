@@ -22,12 +22,9 @@ def reference(model_dir, max_tokens: int) -> dict[bool, list[str]]:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         out = {}
         for early_exit in (False, True):
-            ids = [llm.engine.add_request(llm.apply_chat_template(m), sp,
-                                          exit_threshold=None if early_exit else float("inf")) for m in MESSAGES]
-            done = {}
-            while len(done) < len(ids):
-                done.update({o.request_id: o.text for o in llm.engine.step() if o.finished})
-            out[early_exit] = [done[i] for i in ids]
+            outs = llm.generate([llm.apply_chat_template(m) for m in MESSAGES], sp,
+                                exit_threshold=None if early_exit else float("inf"))
+            out[early_exit] = [o.text for o in outs]
         return out
     finally:
         llm.shutdown()

@@ -12,10 +12,10 @@ import concurrent.futures
 import queue
 import threading
 
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional
 
-from cluster.engine.engine import GenerationOutput, LLMEngine
-from cluster.sampling import SamplingParams
+from cluster.engine.engine import LLMEngine
+from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput
 
 
 class EngineDeadError(RuntimeError):
@@ -25,7 +25,8 @@ class EngineDeadError(RuntimeError):
 class AsyncEngine:
     """Wraps an :class:`LLMEngine` with ``async generate(...)`` streams.
 
-    Counters (for metrics): ``num_generated_tokens``, ``num_finished_requests``.
+    Counters (for metrics): ``num_generated_tokens``, ``num_finished_requests``,
+    ``num_failed_requests`` (finished with ``finish_reason="error"``).
     """
 
     def __init__(self, engine: LLMEngine, idle_integrity_check: bool = True):
@@ -38,14 +39,15 @@ class AsyncEngine:
         self.error: Optional[BaseException] = None
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
+        self.num_failed_requests = 0
         self._stats: dict = dict(engine.scheduler.stats)
         self._thread = threading.Thread(target=self._loop, name="eeserve-engine", daemon=True)
         self._thread.start()
 
     @classmethod
     def from_args(cls, **kwargs) -> "AsyncEngine":
-        """Build with :func:`cluster.llm.create_engine` keyword arguments."""
-        from cluster.llm import create_engine
+        """Build with :func:`cluster.engine.factory.create_engine` keyword arguments."""
+        from cluster.engine.factory import create_engine
 
         return cls(create_engine(**kwargs))
 
@@ -58,24 +60,29 @@ class AsyncEngine:
         return self.engine.model_config
 
     # ------------------------------------------------------------------------------ public API
-    async def generate(self, prompt: Union[str, list[int]], params: SamplingParams, request_id: str,
-                       exit_threshold: Optional[float] = None) -> AsyncIterator[GenerationOutput]:
-        """Stream :class:`GenerationOutput` s for one request until it finishes.
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Stream :class:`RequestOutput` deltas of one request until it finishes.
 
-        Validation happens before the first yield (raises ValueError for a bad prompt). Closing or
-        cancelling the iterator before the end aborts the request and frees its KV blocks.
+        Validation (:meth:`LLMEngine.validate`) happens before the first yield. Closing or
+        cancelling the iterator before the end aborts the request and frees its KV blocks. A failure
+        of this request alone ends the stream with a delta whose ``finish_reason`` is ``error``.
 
         Raises:
-            ValueError: invalid prompt or duplicate request id. EngineDeadError: the engine died.
+            InvalidRequestError: the engine refused the request. EngineDeadError: the engine died.
         """
+        request_id = request.request_id
         self._check_alive()
+        if request_id in self._streams:
+            raise InvalidRequestError("request_id", f"request_id: {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)
         try:
-            await asyncio.wrap_future(self._submit("add", prompt, params, request_id, exit_threshold))
-        except BaseException:
+            await asyncio.wrap_future(self._submit("add", request))
+        except BaseException as e:
             self._streams.pop(request_id, None)
+            if not isinstance(e, InvalidRequestError):  # e.g. cancelled while the add was in flight
+                self._submit("abort", request_id)
             raise
         finished = False
         try:
@@ -99,7 +106,8 @@ class AsyncEngine:
     def stats(self) -> dict:
         """Latest scheduler statistics (running, waiting, KV usage, prefix cache) plus counters."""
         return {**self._stats, "num_generated_tokens": self.num_generated_tokens,
-                "num_finished_requests": self.num_finished_requests}
+                "num_finished_requests": self.num_finished_requests,
+                "num_failed_requests": self.num_failed_requests}
 
     def check_health(self) -> None:
         """Raises EngineDeadError if the loop died, or the error of a dead tensor-parallel rank."""
@@ -135,8 +143,7 @@ class AsyncEngine:
                 return
             try:
                 if kind == "add":
-                    prompt, params, rid, thr = args
-                    fut.set_result(self.engine.add_request(prompt, params, rid, thr))
+                    fut.set_result(self.engine.add_request(args[0]))
                 elif kind == "abort":
                     fut.set_result(self.engine.abort_request(args[0]))
                 elif kind == "integrity":
@@ -161,6 +168,7 @@ class AsyncEngine:
                     for out in self.engine.step():
                         self.num_generated_tokens += len(out.new_token_ids)
                         self.num_finished_requests += int(out.finished)
+                        self.num_failed_requests += int(out.error is not None)
                         self._deliver(out)
                     self._stats = dict(self.engine.scheduler.stats)
                     continue

@@ -1,47 +1,42 @@
-"""The engine step loop: schedule -> run on all ranks -> update -> detokenize (nano-vllm shape)."""
+"""The engine step loop: schedule -> run on all ranks -> update -> detokenize (nano-vllm shape).
+
+The engine is the single place a request is validated (:meth:`LLMEngine.validate`) and the single
+owner of per-request output state (incremental detokenizer, guided-decoding matcher). Its boundary
+is typed: :class:`~cluster.engine.protocol.EngineRequest` in, :class:`RequestOutput` deltas out.
+
+Fault isolation: a failure while handling one request (detokenizing, grammar matching, sampling its
+row) finishes only that request, with ``finish_reason="error"``; a failure of the scheduler or of
+the model step itself propagates (the engine is then dead).
+"""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from cluster.core.scheduler import Scheduler
+from cluster.engine.detokenizer import IncrementalDetokenizer
+from cluster.engine.protocol import (CompletionOutput, EngineRequest, InvalidRequestError, RequestOutput,
+                                     TokenLogprob)
 from cluster.request import Request, RequestStatus
 from cluster.sampling import SamplingParams
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class GenerationOutput:
-    """State of one request after a step (the final one when ``finished``).
-
-    ``exit_layers[i]`` is the number of decoder layers run for ``token_ids[i]`` (num_layers = full).
-    Times are ``time.monotonic()`` seconds.
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    exit_layers: list[int]
-    finished: bool
-    finish_reason: Optional[str]
-    num_layers: int
-    num_cached_tokens: int = 0
-    new_token_ids: list[int] = field(default_factory=list)  # tokens added by this step
-    new_text: str = ""  # text added by this step
-    arrival_time: float = 0.0
-    first_token_time: Optional[float] = None
-    finished_time: Optional[float] = None
+# backwards-compatible name: the accumulated output of a request
+GenerationOutput = CompletionOutput
 
 
 @dataclass
 class _Tracked:
     request: Request
-    text: str = ""
-    num_emitted: int = 0
+    detokenizer: IncrementalDetokenizer
+    guided: object = None  # cluster.engine.guided.GuidedDecoder
     first_token_time: Optional[float] = None
+    error: Optional[str] = None
 
 
 class LLMEngine:
@@ -64,47 +59,124 @@ class LLMEngine:
         self.model_config = model_config
         self.exit_config = exit_config
         self.num_blocks = cache_config.resolve_num_blocks(model_config, parallel_config.tensor_parallel_size)
+        self.block_size = cache_config.block_size
         self.scheduler = Scheduler(scheduler_config, cache_config, self.num_blocks)
         self.workers = WorkerGroup(model_dir, model_config, parallel_config, exit_config, self.num_blocks,
                                    cache_config.block_size, **worker_kwargs)
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        self._guided_factory = None
         self.eos_token_ids = tuple(model_config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
 
     # ----------------------------------------------------------------------------------- requests
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV slots of the whole cache (``num_blocks * block_size``)."""
+        return self.num_blocks * self.block_size
+
     def tokenize(self, prompt: Union[str, list[int]]) -> list[int]:
-        """Token ids of a prompt (a string is encoded with the tokenizer; ids pass through).
+        """Token ids of a prompt (a string is encoded without special tokens; ids pass through).
 
         Raises:
-            ValueError: the prompt is empty or holds ids outside the vocabulary.
+            InvalidRequestError: the prompt is empty or holds ids outside the vocabulary.
         """
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt: must not be empty")
-        if min(ids) < 0 or max(ids) >= self.model_config.vocab_size:
-            raise ValueError(f"prompt: token ids must lie in [0, {self.model_config.vocab_size})")
+        self._check_ids(ids, "prompt")
         return ids
 
-    def add_request(self, prompt: Union[str, list[int]], params: SamplingParams,
-                    request_id: Optional[str] = None, exit_threshold: Optional[float] = None) -> str:
-        """Queue a request; returns its id.
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        if param == "prompt" and not ids:
+            raise InvalidRequestError("prompt", "prompt: must not be empty")
+        v = self.model_config.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= v):
+            raise InvalidRequestError(param, f"{param}: token ids must lie in [0, {v})")
 
-        Args:
-            exit_threshold: per-request confidence threshold; ``> 1.0`` (e.g. ``float('inf')``) runs
-                the full model; None uses the engine's exit config.
+    def _guided(self):
+        if self._guided_factory is None:
+            from cluster.engine.guided import GuidedDecoderFactory
+
+            self._guided_factory = GuidedDecoderFactory(self.tokenizer, self.model_config.vocab_size,
+                                                        stop_token_ids=list(self.eos_token_ids))
+        return self._guided_factory
+
+    def validate(self, req: EngineRequest) -> EngineRequest:
+        """Check a request against the model and the KV cache; the one validation of a request.
+
+        Returns the request, with ``max_tokens`` lowered to what the context window and the KV cache
+        hold when ``req.max_tokens_is_default``.
 
         Raises:
-            ValueError: empty prompt, prompt not shorter than ``max_model_len``, duplicate id.
+            InvalidRequestError: duplicate id; empty prompt or ids outside ``[0, vocab_size)``
+                (``prompt``); prompt not shorter than ``max_model_len`` or prompt + ``max_tokens``
+                beyond it (``context_length_exceeded``); a sequence that could not fit in the whole KV
+                cache (``max_tokens``); ``min_tokens > max_tokens``; ``stop_token_ids`` or
+                ``logit_bias`` ids outside the vocabulary; a ``response_format`` schema that does not
+                compile (``response_format``).
         """
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._tracked:
-            raise ValueError(f"request_id: {rid!r} is already in use")
-        req = Request(rid, self.tokenize(prompt), params, eos_token_ids=self.eos_token_ids,
-                      exit_threshold=exit_threshold)
-        self.scheduler.add_request(req)
-        self._tracked[rid] = _Tracked(req)
-        return rid
+        if req.request_id in self._tracked:
+            raise InvalidRequestError("request_id", f"request_id: {req.request_id!r} is already in use")
+        ids, sp = req.prompt_token_ids, req.sampling_params
+        self._check_ids(ids, "prompt")
+        self._check_ids(list(sp.stop_token_ids), "stop_token_ids")
+        self._check_ids(list(sp.logit_bias), "logit_bias")
+        n, limit = len(ids), self.model_config.max_model_len
+        if n >= limit:
+            raise InvalidRequestError("prompt", f"This model's maximum context length is {limit} tokens. However, "
+                                      f"your prompt has {n} tokens; no room is left for the completion.",
+                                      code="context_length_exceeded")
+        # the last sampled token's KV is never computed, hence the +1
+        room = min(limit - n, self.kv_capacity_tokens + 1 - n)
+        if room < 1:
+            raise InvalidRequestError("prompt", f"prompt: {n} tokens do not fit in the KV cache "
+                                      f"({self.kv_capacity_tokens} slots)", code="context_length_exceeded")
+        if sp.max_tokens > room:
+            if req.max_tokens_is_default:
+                if sp.min_tokens > room:
+                    raise InvalidRequestError("min_tokens", f"min_tokens: {sp.min_tokens} exceeds the room left "
+                                              f"for the completion ({room} tokens)")
+                sp = sp.model_copy(update={"max_tokens": room})
+                req = req.model_copy(update={"sampling_params": sp})
+            elif n + sp.max_tokens > limit:
+                raise InvalidRequestError("max_tokens", f"This model's maximum context length is {limit} tokens. "
+                                          f"However, you requested {n + sp.max_tokens} tokens ({n} in the prompt, "
+                                          f"{sp.max_tokens} in the completion).", code="context_length_exceeded")
+            else:
+                raise InvalidRequestError("max_tokens", f"max_tokens: {n} prompt tokens + {sp.max_tokens} need "
+                                          f"{n + sp.max_tokens - 1} KV slots but the KV cache holds "
+                                          f"{self.kv_capacity_tokens}; lower max_tokens or the prompt length",
+                                          code="context_length_exceeded")
+        if sp.guided_decoding is not None:
+            self._guided().validate(sp.guided_decoding)
+        return req
+
+    def add_request(self, request: Union[EngineRequest, str, list[int]], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None, exit_threshold: Optional[float] = None) -> str:
+        """Validate and queue a request; returns its id.
+
+        ``request`` is an :class:`EngineRequest`, or (shorthand) a prompt string / token ids with
+        ``params``, ``request_id`` and ``exit_threshold`` (``> 1``: full model; None: exit config).
+
+        Raises:
+            InvalidRequestError: see :meth:`validate`; nothing is queued then.
+        """
+        if not isinstance(request, EngineRequest):
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            request = EngineRequest(request_id=rid, prompt_token_ids=self.tokenize(request),
+                                    sampling_params=params or SamplingParams(), exit_threshold=exit_threshold)
+        request = self.validate(request)
+        sp = request.sampling_params
+        req = Request(request.request_id, list(request.prompt_token_ids), sp, eos_token_ids=self.eos_token_ids,
+                      exit_threshold=request.exit_threshold)
+        guided = self._guided().create(sp.guided_decoding) if sp.guided_decoding is not None else None
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, stop=sp.stop,
+                                       skip_special_tokens=sp.skip_special_tokens)
+        try:
+            self.scheduler.add_request(req)
+        except ValueError as e:  # the scheduler's own guard (validate() should have caught it)
+            raise InvalidRequestError("prompt", str(e)) from None
+        self._tracked[req.request_id] = _Tracked(req, detok, guided)
+        return req.request_id
 
     def abort_request(self, request_ids) -> None:
         """Abort queued or running requests (unknown ids are ignored); frees their KV blocks."""
@@ -116,45 +188,91 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._tracked)
+
     # ----------------------------------------------------------------------------------- the loop
-    def step(self) -> list[GenerationOutput]:
-        """Run one iteration; returns an output for every request that got a token."""
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns a delta for every request that got a token or failed."""
         so = self.scheduler.schedule()
         if so.is_empty and not so.finished_req_ids:
             return []
+        failed: dict[str, str] = {}
+        for sr in so.scheduled:
+            t = self._tracked.get(sr.request_id)
+            if sr.sample and t is not None and t.guided is not None:
+                try:
+                    sr.guided_bitmask = t.guided.bitmask()
+                except Exception as e:  # noqa: BLE001 - isolate the request
+                    failed[sr.request_id] = f"guided decoding failed: {e!r}"
         runner_out = self.workers.execute_model(so)
         if so.is_empty:
             return []
         updated = self.scheduler.update(so, runner_out)
+        failed.update(getattr(runner_out, "failed", None) or {})
         now = time.monotonic()
-        return [self._process(req, now) for req in updated if req.request_id in self._tracked]
+        outputs = []
+        for req in updated:
+            if req.request_id in self._tracked:
+                out = self._process(req, runner_out, now)
+                if out is not None:
+                    outputs.append(out)
+        for rid, msg in failed.items():
+            out = self._fail(rid, msg, now)
+            if out is not None:
+                outputs.append(out)
+        return outputs
 
-    def _process(self, req: Request, now: float) -> GenerationOutput:
+    def _process(self, req: Request, runner_out, now: float) -> Optional[RequestOutput]:
         t = self._tracked[req.request_id]
         if t.first_token_time is None:
             t.first_token_time = now
-        text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-        stop = req.sampling_params.stop
-        if stop and not req.is_finished:
-            hits = [(text.find(s, max(0, len(t.text) - len(s))), s) for s in stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                text = text[:i]
-                req.stop_reason = s
-                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-        new_text = text[len(t.text):] if text.startswith(t.text) else text
-        new_ids = req.output_token_ids[t.num_emitted:]
-        t.text, t.num_emitted = text, len(req.output_token_ids)
-        if req.is_finished:
+        token = req.output_token_ids[-1]
+        try:
+            if t.guided is not None and not req.is_finished:
+                if not t.guided.accept(token):
+                    raise RuntimeError(f"the grammar rejected sampled token {token}")
+                if t.guided.is_terminated():
+                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            finished = req.is_finished
+            new_text, stop = t.detokenizer.update([token], finished=finished)
+            if stop is not None:
+                req.stop_reason = stop
+                if not finished:
+                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+        except Exception as e:  # noqa: BLE001 - one request's failure finishes only that request
+            logger.exception("request %s failed", req.request_id)
+            return self._fail(req.request_id, f"{type(e).__name__}: {e}", now)
+        lp = None
+        entry = (getattr(runner_out, "logprobs", None) or {}).get(req.request_id)
+        if entry is not None:
+            lp = [TokenLogprob(token, float(entry[0]), [(int(i), float(v)) for i, v in entry[1]])]
+        return self._output(t, [token], new_text, [req.exit_layers[-1]], lp, now)
+
+    def _output(self, t: _Tracked, new_ids, new_text, new_layers, logprobs, now) -> RequestOutput:
+        req = t.request
+        finished = req.is_finished
+        if finished:
             self._tracked.pop(req.request_id, None)
-        return GenerationOutput(
-            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids, text=text,
-            token_ids=list(req.output_token_ids), exit_layers=list(req.exit_layers),
-            finished=req.is_finished, finish_reason=req.finish_reason,
-            num_layers=self.model_config.num_layers, num_cached_tokens=req.num_cached_tokens,
-            new_token_ids=new_ids, new_text=new_text, arrival_time=req.arrival_time,
-            first_token_time=t.first_token_time, finished_time=now if req.is_finished else None)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=new_ids, new_text=new_text, new_exit_layers=new_layers,
+            new_logprobs=logprobs, finished=finished,
+            finish_reason="error" if t.error is not None else req.finish_reason,
+            stop_reason=req.stop_reason, error=t.error, num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens, num_cached_tokens=req.num_cached_tokens,
+            num_layers=self.model_config.num_layers, arrival_time=req.arrival_time,
+            first_token_time=t.first_token_time, finished_time=now if finished else None)
+
+    def _fail(self, request_id: str, message: str, now: float) -> Optional[RequestOutput]:
+        """Finish one request with an error (its KV blocks are freed); others are untouched."""
+        t = self._tracked.get(request_id)
+        if t is None:
+            return None
+        t.error = message
+        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        t.request.status = RequestStatus.FINISHED_ABORTED
+        return self._output(t, [], "", [], None, now)
 
     def check_integrity(self) -> None:
         """Raises AssertionError on leaked or double-owned KV blocks."""

@@ -126,7 +126,7 @@ def run_train_exits(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    from cluster.llm import model_exit_config_path
+    from cluster.engine.factory import model_exit_config_path
     from cluster.model.loader import resolve_model_dir
     from cluster.training.pipeline import calibrate_config
 

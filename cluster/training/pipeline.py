@@ -72,7 +72,7 @@ class Workspace:
     @classmethod
     def open(cls, model: Optional[str], data: DataSettings, work_dir: Optional[str] = None,
              log: Callable[[str], None] = print) -> "Workspace":
-        from cluster.llm import model_fingerprint
+        from cluster.engine.factory import model_fingerprint
         from cluster.model.loader import cache_dir, load_hf_config, resolve_model_dir
 
         model_dir = resolve_model_dir(model)
@@ -225,7 +225,7 @@ def _settings_tag(settings: TrainSettings) -> str:
 def write_exit_config(path: str, data: dict) -> None:
     """Write ``data`` atomically after validating it exactly as it will be read back
     (:func:`cluster.llm.read_exit_config`: extra keys are notes). Raises ValueError if invalid."""
-    from cluster.llm import read_exit_config
+    from cluster.engine.factory import read_exit_config
 
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -252,7 +252,7 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
     The heads file's metadata names the splits it was trained with, so the calibration split is
     disjoint from the training prompts; the test split is reported as held out.
     """
-    from cluster.llm import read_exit_config
+    from cluster.engine.factory import read_exit_config
     from cluster.model.exits import ExitHeads
     from cluster.training.calibrate import CostModel, choose_thresholds, oracle_stats, policy_stats, single_threshold
     from cluster.training.evaluate import exit_predictions, heads_layers

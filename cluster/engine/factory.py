@@ -1,0 +1,141 @@
+"""Building an engine from user-level arguments: model directory, tokenizer, exit config lookup.
+
+Shared by the offline :class:`cluster.llm.LLM`, the CLI and the Serve replica. The model's own exit
+config is ``exit_config.json`` in its directory, else shipped heads in ``cluster/assets`` matched by
+a weight fingerprint (:func:`model_fingerprint`), else exits at 1/4, 1/2 and 3/4 of the depth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Optional, Union
+
+from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from cluster.engine.engine import LLMEngine
+
+MODEL_DEFAULT = "model-default"  # sentinel: the model's own exit config
+EXIT_CONFIG_FILE = "exit_config.json"
+
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+FINGERPRINT_TENSORS = ("model.embed_tokens.weight", "model.norm.weight")
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """Identity of a model's weights: ``sha256`` over its architecture and a few weight slices.
+
+    Reads only small memory-mapped slices (no full load), converted to float32 so a checkpoint's
+    storage dtype does not matter. Used to match shipped exit heads to a model.
+    """
+    import glob
+
+    import torch
+    from safetensors import safe_open
+
+    from cluster.model.loader import load_hf_config
+
+    mc = ModelConfig.from_hf_config(load_hf_config(model_dir))
+    h = hashlib.sha256(json.dumps([mc.model_type, mc.vocab_size, mc.hidden_size, mc.intermediate_size,
+                                   mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim]).encode())
+    names = (*FINGERPRINT_TENSORS, f"model.layers.{mc.num_layers - 1}.mlp.down_proj.weight")
+    found = {}
+    for file in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                if name in f.keys() and name not in found:
+                    sl = f.get_slice(name)
+                    found[name] = (sl[:8] if len(sl.get_shape()) > 1 else sl[:]).to(torch.float32)
+    for name in names:
+        if name in found:
+            h.update(name.encode() + found[name].contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:24]
+
+
+def read_exit_config(path: str) -> ExitConfig:
+    """An ``exit_config.json``: ExitConfig fields (others, e.g. calibration notes, are ignored);
+    a relative ``heads_path`` is relative to the file's directory."""
+    with open(path) as f:
+        data = json.load(f)
+    fields = {f.name for f in dataclasses.fields(ExitConfig)}
+    data = {k: v for k, v in data.items() if k in fields}
+    data["exit_layers"] = tuple(data.get("exit_layers", ()))
+    if data.get("layer_thresholds") is not None:
+        data["layer_thresholds"] = tuple(float(t) for t in data["layer_thresholds"])
+    if data.get("heads_path") and not os.path.isabs(data["heads_path"]):
+        data["heads_path"] = os.path.join(os.path.dirname(os.path.abspath(path)), data["heads_path"])
+    return ExitConfig(**data)
+
+
+def shipped_exit_config_path(model_dir: str) -> Optional[str]:
+    """The ``cluster/assets/*exit_config.json`` whose ``model_fingerprint`` matches the model, if any."""
+    if not os.path.isdir(ASSETS_DIR):
+        return None
+    cands = []
+    for name in sorted(os.listdir(ASSETS_DIR)):
+        if name.endswith(EXIT_CONFIG_FILE):
+            try:
+                with open(os.path.join(ASSETS_DIR, name)) as f:
+                    fp = json.load(f).get("model_fingerprint")
+            except (OSError, ValueError):
+                continue
+            if fp:
+                cands.append((fp, os.path.join(ASSETS_DIR, name)))
+    if not cands:
+        return None
+    mine = model_fingerprint(model_dir)
+    return next((p for fp, p in cands if fp == mine), None)
+
+
+def model_exit_config_path(model_dir: str) -> Optional[str]:
+    """Where the model's own exit config lives: ``exit_config.json`` in its directory, else shipped
+    heads in ``cluster/assets`` matched by fingerprint; None if neither."""
+    path = os.path.join(model_dir, EXIT_CONFIG_FILE)
+    return path if os.path.exists(path) else shipped_exit_config_path(model_dir)
+
+
+def model_exit_config(model_dir: str, num_layers: int) -> ExitConfig:
+    """The model's own exit config (see :func:`model_exit_config_path`), else exits at 1/4, 1/2, 3/4."""
+    path = model_exit_config_path(model_dir)
+    if path is not None:
+        return read_exit_config(path)
+    return ExitConfig.default_for(num_layers)
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
+                  early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "float32",
+                  max_model_len: Optional[int] = None, block_size: int = 16, num_blocks: Optional[int] = None,
+                  kv_cache_memory_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
+                  max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
+                  **worker_kwargs) -> LLMEngine:
+    """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
+
+    Raises:
+        FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype,
+        head counts not divisible by ``tensor_parallel_size``, or an invalid exit config.
+    """
+    from cluster.model.loader import DTYPES, load_hf_config, resolve_model_dir
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model_dir = resolve_model_dir(model)
+    model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len)
+    for what, n in (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads)):
+        if n % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size: {what} ({n}) is not divisible by {tensor_parallel_size}")
+    exit_config = model_exit_config(model_dir, model_config.num_layers) if early_exit == MODEL_DEFAULT else early_exit
+    return LLMEngine(
+        model_dir, load_tokenizer(model_dir), model_config,
+        CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                    enable_prefix_caching=enable_prefix_caching),
+        SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        max_model_len=model_config.max_model_len),
+        ParallelConfig(tensor_parallel_size=tensor_parallel_size, device=device),
+        exit_config, **worker_kwargs)
