@@ -167,3 +167,23 @@ def test_guided_json_schema_with_early_exit(llm):
         llm.generate(PROMPT, SamplingParams(guided_decoding={"json_schema": '{"type": "nonsense"}'}))
     assert e.value.param == "response_format"
     llm.engine.check_integrity()
+
+
+def test_sampling_fault_fails_only_that_request(llm, monkeypatch):
+    """A fault injected into one request's sampling (its penalty step raises) through the real engine:
+    that request ends with an error, its batch-mates are unaffected."""
+    import cluster.model.layers.sampler as sampler
+
+    sp = SamplingParams(max_tokens=10, ignore_eos=True)
+    alone = llm.generate([PROMPT + " x", PROMPT + " y"], sp)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected sampling fault")
+
+    monkeypatch.setattr(sampler, "_apply_penalties", broken)
+    bad = SamplingParams(max_tokens=10, ignore_eos=True, presence_penalty=0.5)
+    outs = llm.generate([PROMPT + " x", PROMPT + " bad", PROMPT + " y"], [sp, bad, sp])
+    assert outs[1].finish_reason == "error" and "injected sampling fault" in outs[1].error
+    assert [outs[0].token_ids, outs[2].token_ids] == [a.token_ids for a in alone]
+    llm.engine.check_integrity()
+    assert not llm.engine.has_unfinished_requests()

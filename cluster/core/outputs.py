@@ -5,8 +5,12 @@ Pure Python so they pickle cheaply to Ray actors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
 
 from cluster.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy
 
 
 @dataclass
@@ -28,6 +32,16 @@ class ScheduledRequest:
     sampling_params: SamplingParams
     # per-request early-exit threshold override (None: engine default; a value > 1 disables exits)
     exit_threshold: float | None = None
+    # output tokens generated before this iteration (the sampler masks stops below min_tokens)
+    num_output_tokens: int = 0
+    # the request's EOS ids (masked with stop_token_ids while num_output_tokens < min_tokens)
+    eos_token_ids: tuple[int, ...] = ()
+    # the prompt, sent only at the request's first scheduling and only if its sampling params
+    # use penalties: the driver's runner keeps it (repetition penalty) until the request finishes
+    prompt_token_ids: Optional[list[int]] = None
+    # guided decoding (filled by the ENGINE each step for guided requests with sample=True):
+    # int32 [ceil(V / 32)], bit j of word i set <=> token 32*i+j allowed (xgrammar's layout)
+    guided_bitmask: Optional["numpy.ndarray"] = None
 
 
 @dataclass
@@ -50,9 +64,16 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """Rank 0's result of one iteration: one sampled token per request with ``sample=True``."""
+    """Rank 0's result of one iteration: one sampled token per request with ``sample=True``, except
+    the requests in ``failed``."""
 
     # request_id -> sampled token id
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     # request_id -> exit layer (1-based count of decoder layers run; num_layers for the full model)
     exit_layers: dict[str, int] = field(default_factory=dict)
+    # request_id -> (sampled token's logprob, [(token id, logprob)] k most likely first), for
+    # requests with sampling_params.logprobs = k set; log-softmax of the raw logits at the exit layer
+    logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    # request_id -> error message: sampling failed for this request alone; it got no token (the
+    # engine finishes it with an error)
+    failed: dict[str, str] = field(default_factory=dict)

@@ -34,6 +34,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
+        # requests whose prompt ids went to the runner (penalties need them once)
+        self._prompt_sent: set[str] = set()
 
     # ------------------------------------------------------------------ requests in
     def add_request(self, request: Request) -> None:
@@ -138,6 +140,10 @@ class Scheduler:
     def _make_scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
         sample = start + n == req.num_tokens
+        prompt = None
+        if req.sampling_params.uses_penalties and req.request_id not in self._prompt_sent:
+            self._prompt_sent.add(req.request_id)
+            prompt = list(req.prompt_token_ids)
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=req.all_token_ids[start:start + n],
@@ -148,6 +154,9 @@ class Scheduler:
             exit_eligible=n == 1 and start >= req.num_prompt_tokens and sample,
             sampling_params=req.sampling_params,
             exit_threshold=req.exit_threshold,
+            num_output_tokens=req.num_output_tokens,
+            eos_token_ids=tuple(req.eos_token_ids),
+            prompt_token_ids=prompt,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -165,7 +174,9 @@ class Scheduler:
         Advances ``num_computed_tokens`` of each scheduled request still running, registers newly
         full prompt blocks in the prefix cache, appends sampled tokens (and exit layers; 0 when the
         runner reported none) and checks stop conditions in order: EOS (unless ``ignore_eos``),
-        ``stop_token_ids`` (``stop_reason`` = the token), ``max_tokens``, ``max_model_len``.
+        ``stop_token_ids`` (``stop_reason`` = the token), both only once ``num_output_tokens >=
+        min_tokens``, then ``max_tokens``, ``max_model_len``. Requests in ``runner_output.failed``
+        get no token (the engine finishes them).
         Finished requests free their blocks and leave the scheduler.
 
         Returns:
@@ -195,10 +206,12 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params
-        if token in req.eos_token_ids and not params.ignore_eos:
+        # no EOS / stop-token stop below min_tokens (as vLLM's stop checker; the sampler masks them too)
+        stops_allowed = req.num_output_tokens >= params.min_tokens
+        if stops_allowed and token in req.eos_token_ids and not params.ignore_eos:
             req.stop_reason = None
             return RequestStatus.FINISHED_STOPPED
-        if token in params.stop_token_ids:
+        if stops_allowed and token in params.stop_token_ids:
             req.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
         if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.config.max_model_len:
@@ -210,6 +223,7 @@ class Scheduler:
         req.status = status
         self.block_manager.free(req)
         self.requests.pop(req.request_id, None)
+        self._prompt_sent.discard(req.request_id)
         self._finished_ids.append(req.request_id)
 
     def finish_requests(self, request_ids: Union[str, Iterable[str]], status: RequestStatus) -> None:
