@@ -237,6 +237,14 @@ class PrefixAwareLoadRouter(RequestRouter):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id: r for r in candidate_replicas}
+        if pending_request is not None and not pending_request.future.done():
+            # Serve (2.60) fulfils the pending request it finds under ``internal_request_id`` in
+            # ``_pending_requests_by_id``, and handle calls made concurrently inside one request share
+            # that id: the index holds one of them, the others' routing loops never get fulfilled and
+            # spin without awaiting (100% CPU). Point the index at the request being routed now.
+            index = getattr(self, "_pending_requests_by_id", None)
+            if isinstance(index, dict):
+                index[pending_request.metadata.internal_request_id] = pending_request
         token_ids, max_tokens = _request_fields(pending_request)
         key = pending_request.metadata.internal_request_id if pending_request is not None else None
         ranks = self.policy.choose({rid: r.routing_stats for rid, r in by_id.items()}, token_ids, key, max_tokens)

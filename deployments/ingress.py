@@ -1,345 +1,423 @@
 """OpenAIIngress: the OpenAI-compatible HTTP API (FastAPI through ``@serve.ingress``).
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE ending with
-``data: [DONE]``), ``GET /v1/models``, ``GET /health``. The ingress tokenizes (chat template for chat),
-checks the prompt against ``max_model_len`` and calls an LLMServer replica through a
-DeploymentHandle, whose request router (``cluster.router``) picks the replica. A client that
-disconnects cancels the handle call, which aborts the request in the engine.
+A thin adapter from HTTP to :class:`~cluster.engine.protocol.EngineRequest` and back. It parses the
+body (the pydantic models of :mod:`deployments.protocol`, which are also the OpenAPI schema), checks
+what only it knows (API key, model name, chat template, OpenAI-only fields), tokenizes, and fans
+out one engine request per prompt and sample (``index = prompt_i * n + sample_j``) to LLMServer
+replicas through a DeploymentHandle (``cluster.router`` picks the replica). The engine validates the
+request against the model and the KV cache; its :class:`InvalidRequestError` becomes a 400 with the
+same ``param``/``code``, a dead engine 503, a failed request 500 (or, once streaming, an SSE error
+event followed by ``data: [DONE]``). A client that disconnects cancels the handle calls, which
+aborts the requests in the engine.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``POST /tokenize``, ``POST /detokenize``, ``GET /version``, ``GET /health``, ``GET /metrics``.
 """
 
 import asyncio
 import contextlib
-import hmac
+import dataclasses
 import json
 import logging
+import uuid
 from typing import AsyncIterator, Optional, Union
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.background import BackgroundTask
 
+from cluster.engine.protocol import EngineRequest, RequestOutput
 from deployments.config import ServeArgs
+from deployments.fastapi_app import (AUTH, GENERATE_RESPONSES, State, app, error_response, errors, map_error, ok,
+                                     version)
+from deployments.metrics import CONTENT_TYPE, IngressMetrics
+from deployments.outputs import ChoiceState, TokenText, chat_logprobs, completion_logprobs, usage_and_stats
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
                                   CompletionChunk, CompletionRequest, CompletionResponse, Delta,
-                                  EarlyExitStats, GenerateRequest, ModelCard, ModelList, OpenAIError,
-                                  PromptTokensDetails, Usage, new_id, now, validation_error)
+                                  DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, OpenAIError,
+                                  TokenizeRequest, TokenizeResponse, VersionResponse, conversation, new_id, now,
+                                  validation_error)
 
 logger = logging.getLogger("ray.serve")
-app = FastAPI(title="eeserve", description="OpenAI-compatible API of an early-exit LLM server")
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
+MAX_CHOICES = 256  # engine requests of one HTTP request (prompts x n)
 
 
-def _error_response(e: OpenAIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+class _Stream:
+    """One engine request in flight: its replica stream and its choice."""
 
-
-@app.exception_handler(OpenAIError)
-async def _openai_error(_: Request, e: OpenAIError):
-    return _error_response(e)
-
-
-@app.exception_handler(RequestValidationError)
-async def _request_validation(_: Request, e: RequestValidationError):
-    return _error_response(OpenAIError(400, str(e.errors()[:1]), code="invalid_request"))
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, e: StarletteHTTPException):
-    return _error_response(OpenAIError(e.status_code, f"{e.detail}: {request.method} {request.url.path}",
-                                       code="not_found" if e.status_code == 404 else None))
-
-
-@app.exception_handler(Exception)
-async def _internal_error(_: Request, e: Exception):
-    logger.exception("internal error")
-    return _error_response(OpenAIError(500, f"internal error: {e!r}"[:1000], type="server_error"))
-
-
-class _Result:
-    """One choice's accumulated output."""
-
-    def __init__(self):
-        self.text, self.exit_layers, self.finish_reason, self.final = "", [], None, {}
+    def __init__(self, choice: ChoiceState, first, stream):
+        self.choice, self.first, self.stream = choice, first, stream
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=1000)
 @serve.ingress(app)
 class OpenAIIngress:
-    """HTTP front: validation, tokenization, streaming; one LLMServer handle behind it."""
+    """HTTP front: parsing, tokenization, fan-out, response formats; one LLMServer handle behind it."""
 
     def __init__(self, llm: DeploymentHandle, args: dict):
-        from cluster.llm import load_tokenizer
-        from cluster.model.loader import load_hf_config, resolve_model_dir
         from cluster.config import ModelConfig
+        from cluster.engine.factory import load_tokenizer
+        from cluster.model.loader import load_hf_config, resolve_model_dir
 
         self.args = ServeArgs.model_validate(args)
         self.llm = llm
         self.llm_stream = llm.options(stream=True)
         model_dir = resolve_model_dir(self.args.model)
         self.tokenizer = load_tokenizer(model_dir)
+        self.token_text = TokenText(self.tokenizer)
         mc = ModelConfig.from_hf_config(load_hf_config(model_dir), max_model_len=self.args.max_model_len)
-        self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
+        self.max_model_len, self.vocab_size, self.num_layers = mc.max_model_len, mc.vocab_size, mc.num_layers
         self.model_name = self.args.model_name
-        self.api_key = self.args.resolved_api_key
         self.created = now()
+        self.metrics = IngressMetrics(self.model_name, mc.num_layers)
+        State.api_key, State.metrics = self.args.resolved_api_key, self.metrics
 
     # ------------------------------------------------------------------------------ helpers
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        if not auth:
-            raise OpenAIError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-            raise OpenAIError(401, "Incorrect API key provided", code="invalid_api_key")
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
+                              param="model", code="model_not_found")
 
-    async def _parse(self, request: Request, cls):
-        self._authorize(request)
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise OpenAIError(400, "request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
-        try:
-            req = cls.model_validate(body)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        if req.model != self.model_name:
-            raise OpenAIError(404, f"The model '{req.model}' does not exist; this server serves "
-                                   f"'{self.model_name}'", param="model", code="model_not_found")
-        req.check_supported()
-        return req
-
-    def _tokenize(self, prompt: Union[str, list[int]], param: str) -> list[int]:
+    def _encode(self, prompt: Union[str, list[int]], param: str) -> list[int]:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise OpenAIError(400, f"{param}: the prompt is empty", param=param)
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise OpenAIError(400, f"{param}: token ids must lie in [0, {self.vocab_size})", param=param)
-        if len(ids) >= self.max_model_len:
-            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                   f"your {param} has {len(ids)} tokens; no room is left for the completion.",
-                              param=param, code="context_length_exceeded")
         return ids
 
-    def _max_tokens(self, req, n_prompt: int, default: Optional[int]) -> int:
-        room = self.max_model_len - n_prompt
-        asked = req.requested_max_tokens
-        if asked is None:
-            return max(1, min(default, room) if default else room)
-        if n_prompt + asked > self.max_model_len:
-            name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-            raise OpenAIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                                   f"you requested {n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} in "
-                                   f"the completion).", param=name, code="context_length_exceeded")
-        return asked
+    def _chat_ids(self, req: Union[ChatCompletionRequest, TokenizeRequest], add_generation_prompt=True) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise OpenAIError(400, "messages: this model has no chat template; use /v1/completions",
+                              param="messages")
+        conv = conversation(req.messages)
+        try:
+            text = self.tokenizer.apply_chat_template(conv, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja errors: bad role order, unsupported content
+            raise OpenAIError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
+        return self._encode(text, "messages")
 
-    def _generate_requests(self, req, prompts: list[list[int]], prefix: str, default_max: Optional[int]):
-        rid = new_id(prefix)
+    def _engine_requests(self, req, prompts: list[list[int]], rid: str, default_max: Optional[int],
+                         prefixes: Optional[list[str]] = None) -> list[tuple[ChoiceState, EngineRequest]]:
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise OpenAIError(400, f"prompt: {len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices per "
+                                   "request", param="prompt")
+        asked = req.requested_max_tokens
+        if asked is not None and req.min_tokens > asked:
+            raise OpenAIError(400, f"min_tokens: must not exceed max_tokens ({asked})", param="min_tokens")
+        max_tokens = asked or max(self.args.default_max_tokens or default_max or self.max_model_len, req.min_tokens)
+        threshold = req.exit_threshold()
         out = []
         for i, ids in enumerate(prompts):
-            sp = req.sampling_params(self._max_tokens(req, len(ids), default_max))
-            out.append(GenerateRequest(request_id=f"{rid}-{i}", prompt_token_ids=ids, sampling_params=sp,
-                                       exit_threshold=req.exit_threshold(),
-                                       max_tokens_is_default=req.requested_max_tokens is None))
-        return rid, out
+            for j in range(req.n):
+                index = i * req.n + j
+                sp = req.sampling_params(max_tokens, sample=j)
+                try:
+                    er = EngineRequest(request_id=f"{rid}-{index}", prompt_token_ids=ids, sampling_params=sp,
+                                       exit_threshold=threshold, max_tokens_is_default=asked is None)
+                except ValidationError as e:
+                    raise validation_error(e) from None
+                out.append((ChoiceState(index, i, ids, prefixes[i] if prefixes else ""), er))
+        return out
 
-    async def _first(self, gen_req: GenerateRequest):
-        """Start the replica stream and wait for its first delta (errors become 400 before any byte)."""
-        stream = self.llm_stream.generate.remote(gen_req)
+    def _remote(self, er: EngineRequest):
+        """``generate.remote`` with its own internal request id.
+
+        Serve gives every handle call made inside a request the parent's internal request id, and
+        its request router (Ray 2.60) indexes pending requests by that id: of several concurrent
+        calls, all but one are never fulfilled and their routing task spins in ``choose_replicas``.
+        A fresh id per call keeps them apart (our streams are cancelled explicitly on disconnect).
+        """
+        ctx = serve_context._get_serve_request_context()
+        token = serve_context._serve_request_context.set(
+            dataclasses.replace(ctx, _internal_request_id=uuid.uuid4().hex))
+        try:
+            return self.llm_stream.generate.remote(er)
+        finally:
+            serve_context._serve_request_context.reset(token)
+
+    async def _open(self, choice: ChoiceState, er: EngineRequest, prompt_param: str) -> _Stream:
+        """Start one engine request and wait for its first item (errors raise before any byte is sent)."""
+        stream = self._remote(er)
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
             raise OpenAIError(500, "the engine returned no output", type="server_error") from None
-        except BackPressureError as e:
-            raise OpenAIError(503, f"server overloaded, retry later: {e}", type="server_error",
-                              code="overloaded") from None
-        except BaseException:
+        except BaseException as e:
             stream.cancel()
+            if isinstance(e, Exception):
+                raise map_error(e, prompt_param) from None
             raise
-        if "error" in first:
+        if isinstance(first, BaseException):
             stream.cancel()
-            raise OpenAIError(400, first["error"], param="max_tokens" if "max_tokens" in first["error"] else None)
-        return first, stream
+            raise map_error(first, prompt_param)
+        choice.replica = getattr(first, "replica", "") or ""
+        return _Stream(choice, first, stream)
 
-    @staticmethod
-    async def _rest(first: dict, stream) -> AsyncIterator[dict]:
+    async def _start(self, pairs: list[tuple[ChoiceState, EngineRequest]],
+                     prompt_param: str = "prompt") -> list[_Stream]:
+        tasks = [asyncio.ensure_future(self._open(c, er, prompt_param)) for c, er in pairs]
         try:
-            yield first
-            if first.get("finished"):
-                return
-            async for delta in stream:
-                if "error" in delta:
-                    raise OpenAIError(500, delta["error"], type="server_error")
-                yield delta
-        finally:
-            stream.cancel()  # no-op after the end; aborts the request on disconnect
-
-    async def _start_all(self, gen_reqs: list[GenerateRequest]):
-        starts = [asyncio.ensure_future(self._first(g)) for g in gen_reqs]
-        try:
-            return await asyncio.gather(*starts)
+            return list(await asyncio.gather(*tasks))
         except BaseException:
-            for t in starts:
+            for t in tasks:
                 if t.done() and not t.cancelled() and t.exception() is None:
-                    t.result()[1].cancel()
+                    t.result().stream.cancel()
                 else:
                     t.cancel()
             raise
 
-    async def _collect(self, first: dict, stream, result: _Result) -> None:
-        async with contextlib.aclosing(self._rest(first, stream)) as rest:
-            async for d in rest:
-                result.text += d["text"]
-                result.exit_layers += d["exit_layers"]
-                if d["finished"]:
-                    result.finish_reason, result.final = d["finish_reason"], d
+    async def _deltas(self, s: _Stream) -> AsyncIterator[RequestOutput]:
+        """The deltas of one stream, accumulated into its choice and counted in the metrics.
 
-    def _usage(self, results: list[_Result]) -> tuple[Usage, EarlyExitStats]:
-        p = sum(r.final.get("num_prompt_tokens", 0) for r in results)
-        c = sum(r.final.get("num_output_tokens", len(r.exit_layers)) for r in results)
-        cached = sum(r.final.get("num_cached_tokens", 0) for r in results)
-        layers = [l for r in results for l in r.exit_layers]
-        num_layers = next((r.final["num_layers"] for r in results if "num_layers" in r.final), 0)
-        return (Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c,
-                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)),
-                EarlyExitStats.from_layers(num_layers, layers))
+        Raises OpenAIError: the engine failed this request (500) or died (503)."""
+        c, item, reason = s.choice, s.first, "abort"
+        self.metrics.started(len(c.prompt_ids))
+        try:
+            while True:
+                if isinstance(item, BaseException):
+                    reason = "error"
+                    raise map_error(item)
+                c.add(item)
+                self.metrics.tokens(item.new_exit_layers)
+                if item.finished:
+                    reason = item.finish_reason or "stop"
+                    if item.finish_reason == "error":
+                        raise OpenAIError(500, f"generation failed: {item.error}", type="server_error")
+                    if item.finish_reason == "abort":
+                        raise OpenAIError(503, "the request was aborted by the server", type="server_error")
+                yield item
+                if item.finished:
+                    return
+                try:
+                    item = await s.stream.__anext__()
+                except StopAsyncIteration:
+                    item = OpenAIError(500, "the replica's stream ended early", type="server_error")
+                except Exception as e:  # noqa: BLE001 - the replica or the route to it failed
+                    item = e
+        finally:
+            s.stream.cancel()  # no-op after the end; aborts the request on disconnect
+            self.metrics.ended(reason, c.arrival, c.first_token, len(c.token_ids))
+
+    async def _merged(self, streams: list[_Stream]) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
+        """Deltas of all streams as they come; closing it (or an error in one) cancels them all."""
+        if len(streams) == 1:
+            async with contextlib.aclosing(self._deltas(streams[0])) as it:
+                async for d in it:
+                    yield streams[0].choice, d
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(s: _Stream):
+            try:
+                async for d in self._deltas(s):
+                    await queue.put((s.choice, d))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put((s.choice, e))
+
+        tasks = [asyncio.ensure_future(pump(s)) for s in streams]
+        try:
+            remaining = len(streams)
+            while remaining:
+                c, d = await queue.get()
+                if isinstance(d, BaseException):
+                    raise d
+                remaining -= int(d.finished)
+                yield c, d
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self, streams: list[_Stream]) -> None:
+        async with contextlib.aclosing(self._merged(streams)) as it:
+            async for _ in it:
+                pass
 
     @staticmethod
-    def _headers(firsts) -> dict:
-        return {"x-eeserve-replica": ",".join(f[0].get("replica", "") for f in firsts)}
+    def _headers(streams: list[_Stream]) -> dict:
+        return {"x-eeserve-replica": ",".join(s.choice.replica for s in streams)}
 
     # ------------------------------------------------------------------------------- routes
-    @app.get("/health")
+    @app.get("/health", responses=errors(503))
     async def health(self):
         try:
             await asyncio.wait_for(self.llm.health.remote(), timeout=30)
         except Exception as e:
-            return _error_response(OpenAIError(503, f"unhealthy: {e!r}"[:500], type="server_error"))
+            return error_response(OpenAIError(503, f"unhealthy: {e!r}"[:500], type="server_error"))
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    async def models(self, request: Request):
-        self._authorize(request)
+    @app.get("/version", responses=ok(VersionResponse))
+    async def version(self):
+        return VersionResponse(version=version()).model_dump()
+
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
+    async def metrics(self):
+        try:
+            stats = await self.llm.broadcast("stats").results_async(timeout_s=5, return_exceptions=True)
+        except Exception as e:  # noqa: BLE001 - serve the counters even if no replica answers
+            logger.warning("metrics: replica stats unavailable: %r", e)
+            stats = []
+        self.metrics.set_replica_stats(list(stats))
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=AUTH, responses={**ok(ModelList), **errors(401)})
+    async def models(self):
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created,
                                          max_model_len=self.max_model_len)]).model_dump()
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
-        req: CompletionRequest = await self._parse(request, CompletionRequest)
-        prompts = [self._tokenize(p, "prompt") for p in req.prompts()]
-        rid, gen_reqs = self._generate_requests(req, prompts, "cmpl", default_max=16)
-        firsts = await self._start_all(gen_reqs)
-        created = now()
-        if req.stream:
-            return self._sse(self._completion_chunks(req, rid, created, firsts), firsts)
-        results = [_Result() for _ in firsts]
-        await asyncio.gather(*(self._collect(f, s, r) for (f, s), r in zip(firsts, results)))
-        usage, ee = self._usage(results)
-        body = CompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
-                                  choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
-                                           for i, r in enumerate(results)])
-        return JSONResponse(body.model_dump(), headers=self._headers(firsts))
+    @app.post("/tokenize", dependencies=AUTH, responses={**ok(TokenizeResponse), **errors(400, 401, 404)})
+    async def tokenize(self, body: TokenizeRequest):
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "tokenize: give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = self._chat_ids(body, body.add_generation_prompt)
+        else:
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.max_model_len).model_dump()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
-        try:
-            text = self.tokenizer.apply_chat_template(req.conversation(), tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja errors: bad role order, unsupported content
-            raise OpenAIError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
-        rid, gen_reqs = self._generate_requests(req, [self._tokenize(text, "messages")], "chatcmpl", None)
-        firsts = await self._start_all(gen_reqs)
+    @app.post("/detokenize", dependencies=AUTH, responses={**ok(DetokenizeResponse), **errors(400, 401, 404)})
+    async def detokenize(self, body: DetokenizeRequest):
+        self._check_model(body.model)
+        limit = min(self.vocab_size, len(self.tokenizer))
+        if any(not 0 <= t < limit for t in body.tokens):
+            raise OpenAIError(400, f"tokens: token ids must lie in [0, {limit})", param="tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens)).model_dump()
+
+    @app.post("/v1/completions", dependencies=AUTH,
+              responses={**ok(CompletionResponse, stream=True), **GENERATE_RESPONSES})
+    async def completions(self, body: CompletionRequest):
+        req = body
+        self._check_model(req.model)
+        req.check_supported()
+        raw = req.prompts()
+        prompts = [self._encode(p, "prompt") for p in raw]
+        prefixes = None
+        if req.echo:
+            prefixes = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(raw, prompts)]
+        rid = new_id("cmpl")
+        pairs = self._engine_requests(req, prompts, rid, COMPLETIONS_DEFAULT_MAX_TOKENS, prefixes)
+        streams = await self._start(pairs)
         created = now()
         if req.stream:
-            return self._sse(self._chat_chunks(req, rid, created, firsts[0]), firsts)
-        result = _Result()
-        await self._collect(*firsts[0], result)
-        usage, ee = self._usage([result])
-        body = ChatCompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
-                                      choices=[ChatChoice(index=0, message=AssistantMessage(content=result.text),
-                                                          finish_reason=result.finish_reason)])
-        return JSONResponse(body.model_dump(), headers=self._headers(firsts))
+            return self._sse(self._completion_chunks(req, rid, created, streams), streams)
+        await self._collect(streams)
+        choices = [s.choice for s in streams]
+        usage, ee = usage_and_stats(choices, self.num_layers)
+        out = []
+        for c in choices:
+            lp = None
+            if req.logprobs is not None:
+                lp = completion_logprobs(self.token_text, c, c.logprobs, c.prompt_ids if req.echo else None)
+            out.append(CompletionChoice(index=c.index, text=c.prefix + c.text, logprobs=lp,
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason_json))
+        body_out = CompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
+                                      choices=out)
+        return JSONResponse(body_out.model_dump(), headers=self._headers(streams))
+
+    @app.post("/v1/chat/completions", dependencies=AUTH,
+              responses={**ok(ChatCompletionResponse, stream=True), **GENERATE_RESPONSES})
+    async def chat_completions(self, body: ChatCompletionRequest):
+        req = body
+        self._check_model(req.model)
+        req.check_supported()
+        ids = self._chat_ids(req)
+        rid = new_id("chatcmpl")
+        streams = await self._start(self._engine_requests(req, [ids], rid, None), "messages")
+        created = now()
+        if req.stream:
+            return self._sse(self._chat_chunks(req, rid, created, streams), streams)
+        await self._collect(streams)
+        choices = [s.choice for s in streams]
+        usage, ee = usage_and_stats(choices, self.num_layers)
+        out = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                          stop_reason=c.stop_reason_json,
+                          logprobs=chat_logprobs(self.token_text, c.logprobs) if req.logprobs else None)
+               for c in choices]
+        body_out = ChatCompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
+                                          choices=out)
+        return JSONResponse(body_out.model_dump(), headers=self._headers(streams))
 
     # ----------------------------------------------------------------------------- streaming
-    def _sse(self, chunks: AsyncIterator[str], firsts) -> StreamingResponse:
+    def _sse(self, chunks: AsyncIterator[str], streams: list[_Stream]) -> StreamingResponse:
         async def body():
-            async with contextlib.aclosing(chunks):  # a disconnect closes the chain down to the replica
+            async with contextlib.aclosing(chunks):  # a disconnect closes the chain down to the replicas
                 try:
                     async for c in chunks:
                         yield f"data: {c}\n\n"
                 except OpenAIError as e:
                     yield f"data: {json.dumps(e.body())}\n\n"
+                except Exception as e:  # noqa: BLE001 - the client gets an error event, never a cut stream
+                    yield f"data: {json.dumps(map_error(e).body())}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **self._headers(firsts)})
+        def cancel_all():  # a client gone before the body started: abort what it asked for
+            for s in streams:
+                s.stream.cancel()
 
-    async def _chat_chunks(self, req, rid: str, created: int, first) -> AsyncIterator[str]:
-        def chunk(delta: Delta, finish=None, **kw) -> str:
-            return ChatCompletionChunk(id=rid, created=created, model=self.model_name,
-                                       choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=finish)],
-                                       **kw).model_dump_json()
+        return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(cancel_all),
+                                 headers={"Cache-Control": "no-cache", **self._headers(streams)})
 
-        result = _Result()
-        yield chunk(Delta(role="assistant", content=""))
-        async with contextlib.aclosing(self._rest(*first)) as rest:
-            async for d in rest:
-                result.exit_layers += d["exit_layers"]
-                if d["finished"]:
-                    result.finish_reason, result.final = d["finish_reason"], d
-                    if d["text"]:
-                        yield chunk(Delta(content=d["text"]))
-                    usage, ee = self._usage([result])
-                    yield chunk(Delta(), d["finish_reason"], early_exit=ee)
-                    if req.include_usage:
-                        yield ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
-                                                  usage=usage, early_exit=ee).model_dump_json()
-                elif d["text"]:
-                    yield chunk(Delta(content=d["text"]))
+    async def _chat_chunks(self, req: ChatCompletionRequest, rid: str, created: int,
+                           streams: list[_Stream]) -> AsyncIterator[str]:
+        def chunk(choices, **kw) -> str:
+            return ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
+                                       **kw).model_dump_json(exclude_none=False)
 
-    async def _completion_chunks(self, req, rid: str, created: int, firsts) -> AsyncIterator[str]:
-        def chunk(i: int, text: str, finish=None, **kw) -> str:
-            return CompletionChunk(id=rid, created=created, model=self.model_name, **kw, choices=[
-                CompletionChoice(index=i, text=text, finish_reason=finish)]).model_dump_json()
-
-        results = [_Result() for _ in firsts]
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, first, stream):
-            try:
-                async for d in self._rest(first, stream):
-                    await queue.put((i, d))
-            except BaseException as e:
-                await queue.put((i, e))
-                raise
-
-        tasks = [asyncio.ensure_future(pump(i, f, s)) for i, (f, s) in enumerate(firsts)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                i, d = await queue.get()
-                if isinstance(d, BaseException):
-                    raise d if isinstance(d, OpenAIError) else OpenAIError(500, repr(d), type="server_error")
-                results[i].exit_layers += d["exit_layers"]
-                if d["finished"]:
+        for s in streams:
+            yield chunk([ChatChunkChoice(index=s.choice.index, delta=Delta(role="assistant", content=""))])
+        remaining = len(streams)
+        async with contextlib.aclosing(self._merged(streams)) as it:
+            async for c, d in it:
+                lp = chat_logprobs(self.token_text, d.new_logprobs or []) if req.logprobs else None
+                if not (d.finished or d.new_text or (lp and lp.content)):
+                    continue
+                kw = {}
+                if d.finished:
                     remaining -= 1
-                    results[i].finish_reason, results[i].final = d["finish_reason"], d
-                    last = remaining == 0
-                    usage, ee = self._usage(results)
-                    yield chunk(i, d["text"], d["finish_reason"], early_exit=ee if last else None)
-                    if last and req.include_usage:
-                        yield CompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
-                                              usage=usage, early_exit=ee).model_dump_json()
-                elif d["text"]:
-                    yield chunk(i, d["text"])
-        finally:
-            for t in tasks:
-                t.cancel()
+                    if remaining == 0:
+                        kw["early_exit"] = usage_and_stats([s.choice for s in streams], self.num_layers)[1]
+                yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=d.new_text), logprobs=lp,
+                                             finish_reason=d.finish_reason if d.finished else None,
+                                             stop_reason=c.stop_reason_json if d.finished else None)], **kw)
+        if req.include_usage:
+            usage, ee = usage_and_stats([s.choice for s in streams], self.num_layers)
+            yield chunk([], usage=usage, early_exit=ee)
+
+    async def _completion_chunks(self, req: CompletionRequest, rid: str, created: int,
+                                 streams: list[_Stream]) -> AsyncIterator[str]:
+        def chunk(choices, **kw) -> str:
+            return CompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
+                                   **kw).model_dump_json()
+
+        started: set[int] = set()
+        remaining = len(streams)
+        async with contextlib.aclosing(self._merged(streams)) as it:
+            async for c, d in it:
+                first = c.index not in started
+                started.add(c.index)
+                text = (c.prefix if first else "") + d.new_text
+                lp = None
+                if req.logprobs is not None:
+                    lp = completion_logprobs(self.token_text, c, d.new_logprobs or [],
+                                             c.prompt_ids if (first and req.echo) else None)
+                if not (d.finished or text or (lp and lp.tokens)):
+                    continue
+                kw = {}
+                if d.finished:
+                    remaining -= 1
+                    if remaining == 0:
+                        kw["early_exit"] = usage_and_stats([s.choice for s in streams], self.num_layers)[1]
+                yield chunk([CompletionChoice(index=c.index, text=text, logprobs=lp,
+                                              finish_reason=d.finish_reason if d.finished else None,
+                                              stop_reason=c.stop_reason_json if d.finished else None)], **kw)
+        if req.include_usage:
+            usage, ee = usage_and_stats([s.choice for s in streams], self.num_layers)
+            yield chunk([], usage=usage, early_exit=ee)

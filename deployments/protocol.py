@@ -1,22 +1,31 @@
-"""OpenAI-compatible request and response models (pydantic) and their mapping to the engine.
+"""OpenAI-compatible request and response models (pydantic; they are the served ``/openapi.json``).
 
-Requests: ``/v1/completions`` and ``/v1/chat/completions`` with the usual sampling fields plus the
-extras ``top_k``, ``ignore_eos`` and ``early_exit`` (``false``: full model; ``{"threshold": x}``:
-per-request threshold; absent or ``true``: the server's default). Errors are OpenAI error objects
-``{"error": {"message", "type", "param", "code"}}`` raised as :class:`OpenAIError`.
+Requests: ``/v1/completions`` and ``/v1/chat/completions`` with OpenAI's sampling fields, vLLM's
+extras (``top_k``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``) and
+``early_exit`` (``false``: full model; ``{"threshold": x}``: per-request threshold; absent or
+``true``: the server's default). Unknown fields are rejected (400), never silently ignored. Errors
+are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}`` raised as
+:class:`OpenAIError`. The mapping to the engine (:class:`cluster.sampling.SamplingParams`) is here;
+what the engine checks against the model (context length, vocabulary, schemas) is not repeated.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections import Counter
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
-from cluster.sampling import SamplingParams
+from cluster.engine.protocol import FULL_MODEL_THRESHOLD, EngineRequest
+from cluster.sampling import GuidedDecodingParams, SamplingParams
 
-FULL_MODEL_THRESHOLD = float("inf")  # a per-request threshold above 1 disables early exit
+# what the ingress sends to an LLMServer replica (and the router reads): the engine's own request type
+GenerateRequest = EngineRequest
+MAX_N = 16  # choices per prompt
+MAX_STOP = 4  # stop sequences (OpenAI's limit)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -32,66 +41,149 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def validation_error(e: ValidationError) -> OpenAIError:
-    """The first pydantic error as a 400 whose ``param`` is the top-level field."""
-    err = e.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith("function-")]
+def pydantic_error(err: dict, skip: int = 0) -> OpenAIError:
+    """One pydantic error (``ValidationError.errors()`` item) as a 400 whose ``param`` is the
+    top-level field; ``skip`` leading ``loc`` items are dropped (FastAPI's ``"body"``)."""
+    loc = [str(x) for x in list(err.get("loc", ()))[skip:] if not str(x).startswith("function-")]
     param = loc[0] if loc else None
     where = ".".join(loc)
-    return OpenAIError(400, f"{where}: {err.get('msg', 'invalid value')}" if where else str(err.get("msg")),
-                       param=param, code="invalid_value" if param else "invalid_request")
+    msg = str(err.get("msg") or "invalid value").removeprefix("Value error, ")
+    kind = err.get("type")
+    if kind == "extra_forbidden":
+        msg = "unknown field: this server does not support it"
+    elif kind == "json_invalid":
+        return OpenAIError(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}",
+                           code="invalid_json")
+    if where and msg.startswith(where):  # the validator named the field itself
+        return OpenAIError(400, msg, param=param, code="invalid_value")
+    return OpenAIError(400, f"{where}: {msg}" if where else msg, param=param,
+                       code="invalid_value" if param else "invalid_request")
+
+
+def validation_error(e: ValidationError) -> OpenAIError:
+    return pydantic_error(e.errors()[0])
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
 
 
 # ---------------------------------------------------------------------------------------- requests
 class EarlyExitOption(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    threshold: float = Field(ge=0.0, le=1.0)
+    threshold: float = Field(ge=0.0, le=1.0, description="confidence threshold of this request's exits")
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
-    """Fields shared by completions and chat completions (unknown fields are ignored)."""
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
 
-    model_config = ConfigDict(extra="ignore")
+
+class ResponseFormat(BaseModel):
+    """``text`` (free text), ``json_object`` (a JSON object) or ``json_schema`` (JSON valid against
+    ``json_schema.schema``); the JSON forms are enforced by guided decoding, ``strict`` or not."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaSpec] = None
+
+    def guided(self) -> Optional[GuidedDecodingParams]:
+        if self.json_schema is not None and self.type != "json_schema":
+            raise OpenAIError(400, f"response_format.json_schema: only allowed with type json_schema, not {self.type}",
+                              param="response_format")
+        if self.type == "json_object":
+            return GuidedDecodingParams(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise OpenAIError(400, "response_format.json_schema.schema: required when type is json_schema",
+                                  param="response_format")
+            return GuidedDecodingParams(json_schema=json.dumps(self.json_schema.schema_))
+        return None
+
+
+def _early_exit(v):
+    """``early_exit``: a bool or ``{"threshold": x}`` with a message that names the bad part."""
+    if v is None or isinstance(v, (bool, EarlyExitOption)):
+        return v
+    if not isinstance(v, dict):
+        raise PydanticCustomError("early_exit", "early_exit: must be true, false or {\"threshold\": x} with x in [0, 1]")
+    unknown = sorted(set(v) - {"threshold"})
+    if unknown:
+        raise PydanticCustomError("early_exit", f"early_exit.{unknown[0]}: unknown key (only 'threshold')")
+    t = v.get("threshold")
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise PydanticCustomError("early_exit", "early_exit.threshold: required, a number in [0, 1]")
+    if not 0.0 <= t <= 1.0:
+        raise PydanticCustomError("early_exit", f"early_exit.threshold: must be in [0, 1], got {t}")
+    return EarlyExitOption(threshold=t)
+
+
+class _GenerationRequest(BaseModel):
+    """Fields shared by completions and chat completions (unknown fields: 400)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    max_tokens: Optional[int] = Field(None, ge=1, description="default: the server's default_max_tokens")
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="default 1; 0 is greedy")
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=-1)
-    seed: Optional[int] = None
+    top_k: Optional[int] = Field(None, ge=-1, description="-1 or 0: off")
+    min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens")
+    seed: Optional[int] = Field(None, description="any integer (reduced modulo 2**64); sample j of n uses seed + j")
     stop: Union[str, list[str], None] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    early_exit: Union[bool, EarlyExitOption, None] = None
-    logprobs: Union[bool, int, None] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    response_format: Optional[ResponseFormat] = None
+    early_exit: Union[bool, EarlyExitOption, None] = Field(None, description="false: full model; {threshold}")
     user: Optional[str] = None
 
+    @field_validator("early_exit", mode="before")
+    @classmethod
+    def _check_early_exit(cls, v):
+        return _early_exit(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        for k, b in v.items():
+            try:
+                int(k)
+            except ValueError:
+                raise PydanticCustomError("logit_bias", f"logit_bias: keys must be token ids, got {k!r}") from None
+            if not -100.0 <= b <= 100.0:
+                raise PydanticCustomError("logit_bias", f"logit_bias: bias of token {k} must be in [-100, 100]")
+        return v
+
     def check_supported(self) -> None:
-        """Raises OpenAIError(400) for options this server does not implement."""
-        if self.n != 1:
-            raise OpenAIError(400, "n: only n=1 is supported", param="n", code="unsupported_value")
-        if self.logprobs:
-            raise OpenAIError(400, "logprobs: not supported", param="logprobs", code="unsupported_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise OpenAIError(400, f"{name}: not supported (must be 0)", param=name, code="unsupported_value")
-        if self.logit_bias:
-            raise OpenAIError(400, "logit_bias: not supported", param="logit_bias", code="unsupported_value")
+        """Cross-field checks (OpenAIError 400); single fields are checked by pydantic."""
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(400, "stream_options: only allowed when stream is true", param="stream_options")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise OpenAIError(400, "stop: at most 4 stop sequences", param="stop")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise OpenAIError(400, f"stop: at most {MAX_STOP} stop sequences", param="stop")
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
@@ -109,27 +201,43 @@ class _GenerationRequest(BaseModel):
             return self.early_exit.threshold
         return None
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Raises OpenAIError(400) when SamplingParams rejects a value."""
+    def num_logprobs(self) -> Optional[int]:
+        """SamplingParams.logprobs: None (off) or the number of top alternatives."""
+        return None
+
+    def sampling_params(self, max_tokens: int, sample: int = 0) -> SamplingParams:
+        """Engine sampling parameters of sample ``sample`` (seeded requests: ``seed + sample``).
+
+        Raises:
+            OpenAIError(400): a value SamplingParams rejects (the message names the field).
+        """
         try:
             return SamplingParams(
-                max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+                max_tokens=max_tokens, min_tokens=self.min_tokens,
+                temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=-1 if self.top_k in (None, 0) else self.top_k, seed=self.seed, stop=self.stop,
-                stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos)
+                top_k=-1 if self.top_k in (None, 0) else self.top_k,
+                seed=None if self.seed is None else self.seed + sample, stop=self.stop,
+                stop_token_ids=self.stop_token_ids or (), ignore_eos=self.ignore_eos,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+                logprobs=self.num_logprobs(),
+                guided_decoding=self.response_format.guided() if self.response_format else None)
         except ValidationError as e:
             raise validation_error(e) from None
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     type: str = "text"
     text: Optional[str] = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="no 'tool' role: this server has no tool calling")
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
 
@@ -145,39 +253,60 @@ class ChatMessage(BaseModel):
         return "".join(p.text or "" for p in self.content)
 
 
+def conversation(messages: list[ChatMessage]) -> list[dict]:
+    role = {"developer": "system"}
+    return [{"role": role.get(m.role, m.role), "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    tools: Optional[list] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    metadata: Optional[dict[str, str]] = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools:
-            raise OpenAIError(400, "tools: not supported", param="tools", code="unsupported_value")
+            raise OpenAIError(400, "tools: tool calling is not supported by this server; for structured output use "
+                                   "response_format {\"type\": \"json_schema\", ...}", param="tools",
+                              code="unsupported_value")
+        if self.tool_choice not in (None, "none"):
+            raise OpenAIError(400, "tool_choice: tool calling is not supported by this server (only \"none\"); for "
+                                   "structured output use response_format", param="tool_choice",
+                              code="unsupported_value")
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs: requires logprobs to be true", param="top_logprobs")
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens or self.max_tokens
 
-    def conversation(self) -> list[dict]:
-        role = {"developer": "system"}
-        return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+    def num_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="a string, token ids, or a list of either (one choice set per prompt)")
+    echo: bool = Field(False, description="prepend the prompt to each choice's text")
+    logprobs: Optional[int] = Field(None, ge=0, le=5, description="log-probabilities of the k most likely tokens")
     suffix: Optional[str] = None
-    best_of: Optional[int] = None
+    best_of: Optional[int] = Field(None, ge=1)
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise OpenAIError(400, "echo: not supported", param="echo", code="unsupported_value")
         if self.suffix:
             raise OpenAIError(400, "suffix: not supported", param="suffix", code="unsupported_value")
-        if self.best_of not in (None, 1):
-            raise OpenAIError(400, "best_of: only 1 is supported", param="best_of", code="unsupported_value")
+        if self.best_of not in (None, self.n):
+            raise OpenAIError(400, "best_of: only best_of == n is supported", param="best_of",
+                              code="unsupported_value")
+
+    def num_logprobs(self) -> Optional[int]:
+        return self.logprobs
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt(s) as a list: strings or token-id lists."""
@@ -191,18 +320,38 @@ class CompletionRequest(_GenerationRequest):
         return list(p)
 
 
-class GenerateRequest(BaseModel):
-    """What the ingress sends to an LLMServer replica (the router reads ``prompt_token_ids``)."""
+class TokenizeRequest(BaseModel):
+    """``prompt`` (encoded as ``/v1/completions`` does) or ``messages`` (with the chat template)."""
 
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    exit_threshold: Optional[float] = None
-    # max_tokens was not given: the replica may lower it to what its KV cache can hold
-    max_tokens_is_default: bool = False
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
+    add_special_tokens: bool = Field(False, description="prompt only; completions add none")
+    add_generation_prompt: bool = Field(True, description="messages only")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    tokens: list[int]
 
 
 # --------------------------------------------------------------------------------------- responses
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
 class EarlyExitStats(BaseModel):
     num_layers: int
     mean_exit_layer: float
@@ -227,10 +376,34 @@ class Usage(BaseModel):
     prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+    refusal: Optional[list[ChatTokenLogprob]] = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape; the echoed prompt's tokens have ``null`` log-probabilities."""
+
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+
+
 class _Choice(BaseModel):
     index: int
-    logprobs: None = None
     finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = Field(None, description="the stop string or token id that ended it")
 
 
 class _Response(BaseModel):
@@ -246,6 +419,7 @@ class _Response(BaseModel):
 
 class CompletionChoice(_Choice):
     text: str
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class CompletionResponse(_Response):
@@ -253,13 +427,19 @@ class CompletionResponse(_Response):
     choices: list[CompletionChoice]
 
 
+class CompletionChunk(CompletionResponse):
+    pass
+
+
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str
+    refusal: Optional[str] = None
 
 
 class ChatChoice(_Choice):
     message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionResponse(_Response):
@@ -276,15 +456,12 @@ class Delta(BaseModel):
 
 class ChatChunkChoice(_Choice):
     delta: Delta
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionChunk(_Response):
     object: str = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
-
-
-class CompletionChunk(CompletionResponse):
-    pass
 
 
 class ModelCard(BaseModel):

@@ -46,6 +46,10 @@ def test_args_validation_and_names(monkeypatch):
         ServeArgs.model_validate({"tensor_parallel_sise": 2})
     with pytest.raises(ValueError):
         ServeArgs.model_validate({"exit_threshold": 1.5})
+    assert ServeArgs.model_validate({"default_max_tokens": "64"}).default_max_tokens == 64
+    assert ServeArgs.model_validate({"default_max_tokens": "none"}).default_max_tokens is None
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        ServeArgs.model_validate({"default_max_tokens": 0})
     assert ServeArgs().model_name == "SmolLM2-135M-Instruct"
     assert ServeArgs(model="/models/llama-3-8b/").model_name == "llama-3-8b"
     assert ServeArgs(model="/m/qwen.Q4.gguf").model_name == "qwen.Q4"

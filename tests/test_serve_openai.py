@@ -170,7 +170,9 @@ LONG = " ".join(["word"] * 600)
 ERRORS = [
     # (path, body, headers, status, param, code)
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "temperature": -1}, None, 400, "temperature", None),
-    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 2}, None, 400, "n", None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 17}, None, 400, "n", None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "unknown_field": 1}, None, 400,
+     "unknown_field", None),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, None, 400, "messages", None),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, None, 400,
      "messages", "context_length_exceeded"),
@@ -187,6 +189,8 @@ ERRORS = [
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES}, {}, 401, None, "invalid_api_key"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi"}, {"Authorization": "Bearer wrong"}, 401, None,
      "invalid_api_key"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, {}, 401, None, "invalid_api_key"),
+    ("/tokenize", {"prompt": "hi"}, {}, 401, None, "invalid_api_key"),
 ]
 
 

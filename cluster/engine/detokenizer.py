@@ -16,6 +16,7 @@ from tokenizers.decoders import DecodeStream
 
 logger = logging.getLogger(__name__)
 
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder renders for incomplete UTF-8
 FLUSH_CONTEXT = 4  # already-decoded ids decoded before the unfinished tail when flushing at finish
 
 
@@ -89,8 +90,9 @@ class IncrementalDetokenizer:
         - on a stop-string hit (the earliest occurrence wins; ties go to the first in ``stop``): returns
           the text up to (excluding) the stop string and the stop string; the detokenizer is then
           finished and further updates return ("", None) and record no ids.
-        - finished=True (EOS, length, abort): flushes everything withheld; a still-incomplete character
-          comes out as ``tokenizer.decode`` renders it (U+FFFD for byte-level BPE).
+        - finished=True (EOS, length, abort): flushes everything withheld except a still-incomplete
+          character at the very end (``max_tokens`` cut it), which is dropped as vLLM does, rather than
+          rendered as U+FFFD: the final text is ``tokenizer.decode(ids)`` without trailing U+FFFD.
         """
         if self._finished:
             return "", None
@@ -151,9 +153,9 @@ class IncrementalDetokenizer:
             return self._stream.step(self._backend, self._ids[c:])
 
     def _flush_tail(self) -> str:
-        """The text of the ids the stream still withholds (an incomplete character at the end), as the
-        full decode renders it: decode them after a few already-decoded ids of context, drop the
-        context's own text."""
+        """The text of the ids the stream still withholds, as the full decode renders it (decode them
+        after a few already-decoded ids of context, drop the context's own text), without the
+        trailing U+FFFD of the incomplete character that made the stream withhold them."""
         c, dec = self._decoded, self._backend.decode
         ctx = self._ids[max(0, c - FLUSH_CONTEXT):c]
         head = dec(ctx, skip_special_tokens=self._skip)
@@ -162,4 +164,4 @@ class IncrementalDetokenizer:
             whole = dec(self._ids[:c], skip_special_tokens=self._skip)
             head, full = whole, dec(self._ids, skip_special_tokens=self._skip)
         self._decoded = len(self._ids)
-        return full[len(head):]
+        return full[len(head):].rstrip(REPLACEMENT_CHAR)
