@@ -30,7 +30,8 @@ def cmd_generate(args) -> int:
     early_exit = MODEL_DEFAULT
     if args.no_early_exit:
         early_exit = None
-    llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, early_exit=early_exit, dtype=args.dtype)
+    llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, early_exit=early_exit, dtype=args.dtype,
+              device=args.device, gpu_memory_utilization=args.gpu_memory_utilization)
     try:
         ec = llm.engine.exit_config
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -67,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-early-exit", action="store_true", help="run the full model")
     g.add_argument("--raw", action="store_true", help="use the prompt as is (no chat template)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: fraction of the GPU's memory this engine may use (weights, activations, KV cache)")
     g.add_argument("--compact", action="store_true", help="print statistics on one line")
     g.set_defaults(func=cmd_generate)
     add_train_exits_parser(sub)

@@ -90,26 +90,43 @@ class ModelConfig:
         return 2 * self.num_layers * kv_heads * self.head_dim * self.dtype_bytes
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto``: ``bfloat16`` on CUDA, ``float32`` elsewhere; any other value as given."""
+    if dtype == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    return dtype
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache shape.
 
-    ``num_blocks=None`` derives the count from ``kv_cache_memory_bytes`` (per tensor-parallel rank).
+    ``num_blocks=None`` derives the count: on CUDA from the device's memory after the weights load,
+    ``gpu_memory_utilization`` being the fraction of the GPU's total memory this engine may use
+    (weights, activations and KV cache; vLLM's meaning, see :mod:`cluster.worker.memory`); on the
+    CPU from ``kv_cache_memory_bytes`` (per tensor-parallel rank).
     """
 
     block_size: int = 16
     num_blocks: Optional[int] = None
     kv_cache_memory_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self):
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
 
     def resolve_num_blocks(self, model: ModelConfig, tensor_parallel_size: int = 1) -> int:
-        """Number of KV blocks: ``num_blocks`` if set, else the memory budget divided by block bytes."""
+        """Number of KV blocks without measuring a device: ``num_blocks`` if set, else
+        ``kv_cache_memory_bytes`` divided by block bytes (the CPU's budget)."""
         if self.num_blocks is not None:
             return self.num_blocks
         per_block = model.kv_bytes_per_token(tensor_parallel_size) * self.block_size
@@ -133,11 +150,17 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor parallelism. ``backend=None`` picks NCCL on CUDA and gloo on CPU."""
+    """Tensor parallelism. ``backend=None`` picks NCCL on CUDA and gloo on CPU.
+
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (rank actors use their own GPU, ``cuda:0`` under Ray).
+    ``debug_default_device`` (tests): every worker step runs inside ``with torch.device(...)``, e.g.
+    ``"meta"``, so a tensor created without an explicit device fails as it would beside a CUDA model.
+    """
 
     tensor_parallel_size: int = 1
     backend: Optional[str] = None
     device: str = "cpu"
+    debug_default_device: Optional[str] = None
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -36,24 +37,30 @@ def tp_size() -> int:
 
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str,
-                         timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                         timeout_s: float = DEFAULT_TIMEOUT_S, device: Optional[torch.device] = None) -> None:
     """Join the tensor-parallel group (one process per rank).
 
     Args:
         init_method: ``tcp://host:port`` of rank 0, e.g. from :func:`free_tcp_address`.
         backend: ``nccl`` (CUDA) or ``gloo`` (CPU).
         timeout_s: limit for the rendezvous and for every collective.
+        device: this rank's device; with NCCL it is passed as ``device_id`` (the communicator is bound
+            to it at once; call ``torch.cuda.set_device`` first). Collectives then take tensors on it.
     """
     global _STATE
     if world_size > 1 and not dist.is_initialized():
+        kw = {}
+        if backend == "nccl":
+            kw["device_id"] = device if device is not None else torch.device("cuda", torch.cuda.current_device())
         dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s), **kw)
     _STATE = TPState(rank=rank, size=world_size)
 
 
 def destroy_tensor_parallel() -> None:
+    """Leave the group (``destroy_process_group``; a no-op at size 1, where no group was made)."""
     global _STATE
-    if dist.is_initialized():
+    if _STATE.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     _STATE = TPState()
 
@@ -69,7 +76,8 @@ def free_tcp_address(host: str | None = None) -> str:
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (``op``: ``sum``, ``max`` or ``min``) over the tensor-parallel group
-    (identity at size 1). Raises KeyError for another ``op``."""
+    (identity at size 1). ``x`` lives on the rank's device (CUDA with NCCL): no host copy, no sync.
+    Raises KeyError for another ``op``."""
     if _STATE.size > 1:
         dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return x

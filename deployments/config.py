@@ -29,14 +29,17 @@ class ServeArgs(BaseModel):
     model: Optional[str] = Field(None, description="safetensors dir or GGUF file; None = SmolLM2-135M-Instruct")
     served_model_name: Optional[str] = Field(None, description="name in /v1/models; default: model basename")
     tensor_parallel_size: int = Field(1, ge=1)
-    dtype: str = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: Optional[int] = Field(None, ge=2)
     early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")
     exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")
     block_size: int = Field(16, ge=1)
     num_blocks: Optional[int] = Field(None, ge=1)
-    kv_cache_memory_bytes: int = Field(1 << 30, ge=1)
+    kv_cache_memory_bytes: int = Field(1 << 30, ge=1, description="KV cache budget on CPU")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0,
+                                          description="CUDA: fraction of GPU memory for weights + KV cache")
     enable_prefix_caching: bool = True
     max_num_seqs: int = Field(32, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
@@ -121,5 +124,6 @@ class ServeArgs(BaseModel):
                     early_exit=MODEL_DEFAULT if self.early_exit else None, dtype=self.dtype,
                     max_model_len=self.max_model_len, block_size=self.block_size, num_blocks=self.num_blocks,
                     kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                    gpu_memory_utilization=self.gpu_memory_utilization,
                     enable_prefix_caching=self.enable_prefix_caching, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens, device=device)

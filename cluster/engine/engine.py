@@ -51,6 +51,7 @@ class LLMEngine:
     def __init__(self, model_dir: str, tokenizer, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, parallel_config: ParallelConfig,
                  exit_config: Optional[ExitConfig], **worker_kwargs):
+        from cluster.worker.memory import sizes_from_device_memory
         from cluster.worker.worker_group import WorkerGroup
 
         if exit_config is not None:
@@ -58,11 +59,35 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.exit_config = exit_config
-        self.num_blocks = cache_config.resolve_num_blocks(model_config, parallel_config.tensor_parallel_size)
         self.block_size = cache_config.block_size
+        if cache_config.num_blocks is None and sizes_from_device_memory(parallel_config.device):
+            # CUDA: the ranks load their weights, measure an iteration's peak and report what is left
+            self.workers = WorkerGroup(model_dir, model_config, parallel_config, exit_config, None,
+                                       cache_config.block_size, **worker_kwargs)
+            try:
+                report = self.workers.determine_num_blocks(
+                    cache_config.gpu_memory_utilization, scheduler_config.max_num_batched_tokens,
+                    scheduler_config.max_num_seqs, model_config.max_model_len)
+                self.workers.initialize_cache(report.num_blocks)
+            except BaseException:
+                self.workers.shutdown()
+                raise
+            self.num_blocks = report.num_blocks
+        else:  # CPU (or a given num_blocks): a fixed budget, decided before the workers start
+            self.num_blocks = cache_config.resolve_num_blocks(model_config, parallel_config.tensor_parallel_size)
+            self.workers = WorkerGroup(model_dir, model_config, parallel_config, exit_config, self.num_blocks,
+                                       cache_config.block_size, **worker_kwargs)
+            report = self.workers.memory_report()
+        self.memory_report = report
         self.scheduler = Scheduler(scheduler_config, cache_config, self.num_blocks)
-        self.workers = WorkerGroup(model_dir, model_config, parallel_config, exit_config, self.num_blocks,
-                                   cache_config.block_size, **worker_kwargs)
+        gib = 1 << 30
+        logger.info("engine on %s (%s, tensor_parallel_size=%d): weights %.3f GiB, KV cache %.3f GiB = %d blocks "
+                    "x %d tokens per rank%s", parallel_config.device, model_config.dtype,
+                    parallel_config.tensor_parallel_size, report.weights_bytes / gib, report.kv_cache_bytes / gib,
+                    report.num_blocks, cache_config.block_size,
+                    f" (gpu_memory_utilization {report.gpu_memory_utilization}, activation peak "
+                    f"{report.activation_peak_bytes / gib:.3f} GiB, device total {report.total_bytes / gib:.2f} GiB)"
+                    if report.total_bytes else "")
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._guided_factory = None

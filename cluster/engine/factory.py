@@ -12,7 +12,8 @@ import json
 import os
 from typing import Optional, Union
 
-from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from cluster.config import (DTYPE_CHOICES, CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                            resolve_dtype)
 from cluster.engine.engine import LLMEngine
 
 MODEL_DEFAULT = "model-default"  # sentinel: the model's own exit config
@@ -110,21 +111,30 @@ def load_tokenizer(model_dir: str):
 
 
 def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
-                  early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "float32",
+                  early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "auto",
                   max_model_len: Optional[int] = None, block_size: int = 16, num_blocks: Optional[int] = None,
                   kv_cache_memory_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                   max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
+                  gpu_memory_utilization: float = 0.9, debug_default_device: Optional[str] = None,
                   **worker_kwargs) -> LLMEngine:
     """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
 
+    ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N``. KV cache size: ``num_blocks`` if given; else on CUDA
+    what ``gpu_memory_utilization`` (fraction of the GPU's total memory this engine may use) leaves
+    after the weights and the activation peak; on CPU ``kv_cache_memory_bytes``.
+    ``debug_default_device`` (tests): see :class:`~cluster.config.ParallelConfig`.
+
     Raises:
         FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype,
-        head counts not divisible by ``tensor_parallel_size``, or an invalid exit config.
+        head counts not divisible by ``tensor_parallel_size``, an invalid exit config, or no room for
+        the KV cache on the device.
     """
     from cluster.model.loader import DTYPES, load_hf_config, resolve_model_dir
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_CHOICES or (dtype != "auto" and dtype not in DTYPES):
+        raise ValueError(f"dtype: must be one of {sorted(DTYPE_CHOICES)}, got {dtype!r}")
+    dtype = resolve_dtype(dtype, device)
     model_dir = resolve_model_dir(model)
     model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len)
     for what, n in (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads)):
@@ -134,8 +144,9 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     return LLMEngine(
         model_dir, load_tokenizer(model_dir), model_config,
         CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                    enable_prefix_caching=enable_prefix_caching),
+                    enable_prefix_caching=enable_prefix_caching, gpu_memory_utilization=gpu_memory_utilization),
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         max_model_len=model_config.max_model_len),
-        ParallelConfig(tensor_parallel_size=tensor_parallel_size, device=device),
+        ParallelConfig(tensor_parallel_size=tensor_parallel_size, device=device,
+                       debug_default_device=debug_default_device),
         exit_config, **worker_kwargs)

@@ -30,6 +30,7 @@ from cluster.config import ExitConfig
 from cluster.distributed import all_gather_last_dim, all_reduce, tp_size
 from cluster.model.layers.attention import AttentionMetadata
 from cluster.model.layers.norm import RMSNorm
+from cluster.model.layers.sampler import host_to_device
 from cluster.model.llama import LlamaForCausalLM
 
 
@@ -113,7 +114,8 @@ class ExitHeads(nn.Module):
         self.cfg = cfg
         self.heads = nn.ModuleDict()
         self.classifiers = nn.ModuleDict()
-        dtype = next(model.parameters()).dtype
+        p = next(model.parameters())
+        dtype, device = p.dtype, p.device  # heads live beside the model's weights
         if cfg.head == "trained":
             state = load_file(cfg.heads_path)
             mc = model.config
@@ -121,13 +123,15 @@ class ExitHeads(nn.Module):
                 key = f"exits.{layer}.down.weight"
                 if key not in state:
                     raise ValueError(f"heads_path {cfg.heads_path} has no head for exit layer {layer}")
-                head = TrainedExitHead(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
+                with torch.device(device):
+                    head = TrainedExitHead(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
                 self.heads[str(layer)] = _load_prefixed(head, state, f"exits.{layer}.").to(dtype)
                 if cfg.confidence == "classifier":
                     key = f"exit_classifiers.{layer}.fc1.weight"
                     if key not in state:
                         raise ValueError(f"heads_path {cfg.heads_path} has no exit classifier for layer {layer}")
-                    clf = ExitClassifier(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
+                    with torch.device(device):
+                        clf = ExitClassifier(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
                     self.classifiers[str(layer)] = _load_prefixed(clf, state, f"exit_classifiers.{layer}.").to(dtype)
         # per exit layer: the threshold that replaces the config's default threshold
         self.layer_thresholds = {l: cfg.threshold_for(l) for l in cfg.exit_layers}
@@ -157,7 +161,18 @@ class ExitHeads(nn.Module):
         ``vocab x hidden`` weights instead of one per exit layer). Its pass mask is all-reduced (min)
         across tensor-parallel ranks, so every rank takes the same decision even if floating-point
         results ever differed between ranks (one tiny collective per check).
+
+        Selecting the passing rows (``local[ok]``) reads ``ok`` on the host; the engine's
+        :func:`forward_with_exits` calls :meth:`decide` instead and selects with host-known indices.
         """
+        ok, local = self.decide(layer, h, thresholds)
+        return ok, (None if local is None else local[ok])
+
+    def decide(self, layer: int, h: torch.Tensor,
+               thresholds: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`check` without the selection: ``(ok [n] bool, local logits [n, V_local] of every row
+        or None for the classifier)``, all on ``h``'s device; no host sync (collectives take device
+        tensors, the exit-mask all-reduce included)."""
         thr = self.resolve_thresholds(layer, thresholds)
         if self.cfg.confidence == "classifier":
             ok = self.classifiers[str(layer)](h) >= thr
@@ -165,8 +180,7 @@ class ExitHeads(nn.Module):
                 ok = all_reduce(ok.to(torch.int32), op="min").bool()
             return ok, None
         local = self.local_logits(layer, h)
-        ok = confidence_from_local_logits(local, self.cfg.confidence) >= thr
-        return ok, local[ok]
+        return confidence_from_local_logits(local, self.cfg.confidence) >= thr, local
 
 
 @dataclass
@@ -174,18 +188,35 @@ class ExitBatch:
     """Per-iteration exit inputs (built by the model runner).
 
     ``sample_rows`` index the flattened tokens whose next token is sampled; ``eligible`` and
-    ``thresholds`` are aligned with them.
+    ``thresholds`` are aligned with them. The tensors live on the model's device; the host copies
+    (``host_rows``, ``host_eligible``, set by the model runner, which built them) let
+    :func:`forward_with_exits` track rows without reading the device. Left None, they are read from
+    the tensors once (one host sync each).
     """
 
     sample_rows: torch.Tensor  # [S] long
     eligible: torch.Tensor  # [S] bool: a decode token whose request allows early exit
     thresholds: torch.Tensor  # [S] float32 confidence threshold per row
+    host_rows: Optional[list[int]] = None  # sample_rows as host ints
+    host_eligible: Optional[list[bool]] = None  # eligible as host bools
+    eligible_rows: Optional[torch.Tensor] = None  # [E] long on the device: indices j with eligible[j]
+
+    def rows(self) -> list[int]:
+        if self.host_rows is None:
+            self.host_rows = [int(r) for r in self.sample_rows.tolist()]
+        return self.host_rows
+
+    def eligible_list(self) -> list[bool]:
+        if self.host_eligible is None:
+            self.host_eligible = [bool(e) for e in self.eligible.tolist()]
+        return self.host_eligible
 
 
 @dataclass
 class ExitResult:
     logits: torch.Tensor  # [S, vocab] float32 full-vocabulary logits at each row's exit
     exit_layers: torch.Tensor  # [S] long, 1-based number of decoder layers run (L = full model)
+    num_checks: int = 0  # exit layers checked = device->host syncs made by the forward
 
 
 def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids: torch.Tensor,
@@ -199,59 +230,109 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
         kv_caches: per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, KVH_local, d]``.
         heads: exit heads, or None for the full model.
 
+    Every tensor made here lives on ``input_ids``' device (the model's).
+
+    Host syncs: exactly one device->host transfer per exit layer *checked*: the pass mask of the rows
+    still pending there, read with one ``.tolist()`` (the "did any row exit, and which" decision).
+    An exit layer is checked only while some eligible row is pending, which the host knows from the
+    previous masks; so there is no sync at a non-exit layer, none for a prefill-only or full-model
+    iteration, and no ``any()`` / ``nonzero()`` / boolean indexing: rows are selected with index
+    tensors built on the host and copied to the device (at most one small host->device copy per exit
+    layer where rows exit, plus one at the end). With the sampler's single transfer (tokens and exit
+    layers together, :meth:`~cluster.model.layers.sampler.SamplerOutput.to_host`), one decode
+    iteration makes at most ``len(exit_layers) + 1`` syncs (``num_checks + 1``), 1 for the full model.
+
     Returns:
-        :class:`ExitResult` for ``batch.sample_rows``.
+        :class:`ExitResult` for ``batch.sample_rows``; ``num_checks`` is the number of exit checks made.
     """
     layers = model.model.layers
     L = len(layers)
-    T, S = input_ids.shape[0], batch.sample_rows.shape[0]
-    exit_layers_cfg = heads.cfg.exit_layers if heads is not None else ()
+    dev = input_ids.device
+    T = input_ids.shape[0]
+    rows = batch.rows()  # host: token index of each sample row
+    S = len(rows)
+    exit_at = set(heads.cfg.exit_layers) if heads is not None else set()
     per_sequence = heads is not None and heads.cfg.policy == "per_sequence"
     h = model.model.embed_tokens(input_ids)
-    exited = torch.zeros(T, dtype=torch.bool)  # rows whose hidden state is frozen at their exit
-    row_exit = torch.full((S,), L, dtype=torch.long)
-    logits = torch.empty(S, model.config.vocab_size, dtype=torch.float32)
-    pending = batch.eligible.clone()  # sample rows still allowed to exit early
-    # rows whose logits wait for the single LM-head pass at the end: their final-norm inputs
-    deferred = torch.zeros(S, dtype=torch.bool)
-    states = h.new_empty(S, h.shape[1])
+    # host bookkeeping: sample rows still allowed to exit (ascending) and their device index
+    pending = [j for j, e in enumerate(batch.eligible_list()) if e] if exit_at else []
+    pending_dev = batch.eligible_rows if pending else None
+    if pending and pending_dev is None:
+        pending_dev = host_to_device(pending, torch.long, dev)
+    exited_tokens: set[int] = set()  # tokens whose hidden state is frozen at their exit
+    exited_mask = None  # [T, 1] bool on the device (paper policy: rows kept by torch.where)
+    exits: list[tuple[int, list[int]]] = []  # (depth, rows) per exit layer where rows exited
+    row_exit = logits = states = None  # allocated at the first exit
+    deferred: list[int] = []  # rows whose logits wait for the one LM-head pass at the end
     compute_rows, compute_meta = None, None  # None: compute all rows
+    stopped = False  # every token exited: the remaining layers only fill K/V
+    num_checks = 0
     for i, layer in enumerate(layers):
-        if compute_rows is not None and compute_rows.numel() == 0:
+        if stopped:
             layer.fill_kv(h, positions, meta.slot_mapping, kv_caches[i])
             continue
         out = layer(h, positions, meta, kv_caches[i], compute_rows, compute_meta)
-        if compute_rows is None:
-            h = torch.where(exited.unsqueeze(1), h, out) if exited.any() else out
-        else:
+        if compute_rows is not None:
             h = h.index_copy(0, compute_rows, out)
-        depth = i + 1
-        if depth not in exit_layers_cfg or not pending.any():
-            continue
-        cand = pending.nonzero().squeeze(1)
-        ok, local = heads.check(depth, h[batch.sample_rows[cand]], batch.thresholds[cand])
-        if not ok.any():
-            continue
-        done = cand[ok]
-        if local is None:  # cheap measure: logits later, in one LM-head pass with the other rows
-            states[done] = heads.exit_state(depth, h[batch.sample_rows[done]])
-            deferred[done] = True
         else:
-            logits[done] = heads.model[0].lm_head.full_logits(local)
-        row_exit[done] = depth
-        pending[done] = False
-        exited[batch.sample_rows[done]] = True
-        if exited.all():
-            compute_rows = exited.new_empty(0, dtype=torch.long)  # the batch stops: KV fill only
-        elif per_sequence:
-            compute_rows = (~exited).nonzero().squeeze(1)
-            num_dec = int((~exited[: meta.num_decodes]).sum())
-            compute_meta = meta.select_decodes(compute_rows[:num_dec])
-    final = (row_exit == L).nonzero().squeeze(1)
-    if final.numel():
-        states[final] = h[batch.sample_rows[final]]
-        deferred[final] = True
-    rows = deferred.nonzero().squeeze(1)
-    if rows.numel():
-        logits[rows] = model.lm_head.full_logits(model.final_local_logits(states[rows]))
-    return ExitResult(logits=logits, exit_layers=row_exit)
+            h = torch.where(exited_mask, h, out) if exited_mask is not None else out
+        depth = i + 1
+        if depth not in exit_at or not pending:
+            continue
+        ok, local = heads.decide(depth, h.index_select(0, batch.sample_rows.index_select(0, pending_dev)),
+                                 batch.thresholds.index_select(0, pending_dev))
+        num_checks += 1
+        passed = ok.tolist()  # the one device->host sync of this exit layer
+        pos = [k for k, p in enumerate(passed) if p]
+        if not pos:
+            continue
+        done = [pending[k] for k in pos]
+        pending = [pending[k] for k, p in enumerate(passed) if not p]
+        exited_tokens.update(rows[j] for j in done)
+        stopped = len(exited_tokens) == T
+        remaining = [] if (stopped or not per_sequence) else [t for t in range(T) if t not in exited_tokens]
+        # one host->device copy: positions in the check, rows, their tokens, still pending, computing
+        parts = (pos, done, [rows[j] for j in done], pending, remaining)
+        idx = host_to_device([x for part in parts for x in part], torch.long, dev).split([len(p) for p in parts])
+        pos_dev, done_dev, done_tok_dev, pending_dev, remaining_dev = idx
+        if row_exit is None:
+            row_exit = torch.full((S,), L, dtype=torch.long, device=dev)
+            logits = torch.empty(S, model.config.vocab_size, dtype=torch.float32, device=dev)
+            states = h.new_empty(S, h.shape[1])
+        if local is None:  # cheap measure: logits later, in one LM-head pass with the other rows
+            states.index_copy_(0, done_dev, heads.exit_state(depth, h.index_select(0, done_tok_dev)))
+            deferred += done
+        else:
+            logits.index_copy_(0, done_dev, heads.model[0].lm_head.full_logits(local.index_select(0, pos_dev)))
+        row_exit.index_fill_(0, done_dev, depth)
+        exits.append((depth, done))
+        if stopped:
+            continue
+        if per_sequence:
+            compute_rows = remaining_dev
+            num_dec = sum(1 for t in remaining if t < meta.num_decodes)
+            compute_meta = meta.select_decodes(compute_rows, num_dec)
+        else:
+            if exited_mask is None:
+                exited_mask = torch.zeros(T, 1, dtype=torch.bool, device=dev)
+            exited_mask.index_fill_(0, done_tok_dev, True)
+    if row_exit is None:  # nobody exited: every row's logits from the last layer, in one pass
+        if S == 0:  # a middle prefill chunk: nothing to sample
+            return ExitResult(logits=h.new_empty(0, model.config.vocab_size, dtype=torch.float32),
+                              exit_layers=torch.empty(0, dtype=torch.long, device=dev))
+        sample_h = h.index_select(0, batch.sample_rows)
+        logits = model.lm_head.full_logits(model.final_local_logits(sample_h))
+        return ExitResult(logits=logits, exit_layers=torch.full((S,), L, dtype=torch.long, device=dev),
+                          num_checks=num_checks)
+    exited_rows = {j for _, done in exits for j in done}
+    final = [j for j in range(S) if j not in exited_rows]
+    deferred = sorted(deferred + final)
+    if deferred:
+        parts = (final, [rows[j] for j in final], deferred)
+        final_dev, final_tok_dev, deferred_dev = host_to_device(
+            [x for part in parts for x in part], torch.long, dev).split([len(p) for p in parts])
+        if final:
+            states.index_copy_(0, final_dev, h.index_select(0, final_tok_dev))
+        logits.index_copy_(0, deferred_dev, model.lm_head.full_logits(
+            model.final_local_logits(states.index_select(0, deferred_dev))))
+    return ExitResult(logits=logits, exit_layers=row_exit, num_checks=num_checks)

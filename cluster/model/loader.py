@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -147,12 +148,26 @@ def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
         raise ValueError(f"model: checkpoint in {model_dir!r} lacks parameters {sorted(missing)[:5]}")
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Parameters created inside get ``dtype`` (vLLM's ``set_default_torch_dtype``); restored after."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def build_model(model_dir: str, model_config: ModelConfig, device: str = "cpu") -> LlamaForCausalLM:
-    """Construct the model for this rank (after ``init_tensor_parallel``) and load its shards."""
+    """Construct the model for this rank (after ``init_tensor_parallel``) and load its shards.
+
+    Parameters are created directly on ``device`` in the model's dtype (no float32 copy of the model
+    first; each shard is copied from the memory-mapped checkpoint to the device, cast on the way).
+    The RoPE tables are computed on the CPU in float32 and moved to ``device`` with the model.
+    """
     torch_dtype = DTYPES[model_config.dtype]
-    with torch.device("cpu"):
+    with default_dtype(torch_dtype), torch.device(device):
         model = LlamaForCausalLM(model_config)
     load_weights(model, model_dir)
-    for p in model.parameters():  # parameters only: RoPE tables stay float32
-        p.data = p.data.to(dtype=torch_dtype)
     return model.to(device=device).eval()

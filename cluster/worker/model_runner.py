@@ -5,6 +5,8 @@ in step); rank 0 samples, keeps the per-request sampling state and returns the t
 """
 from __future__ import annotations
 
+import math
+from array import array
 from typing import Optional
 
 import torch
@@ -99,63 +101,151 @@ class ModelRunner:
     """Owns the model, its exit heads, this rank's paged KV cache and (driver rank) the per-request
     sampling state (:class:`SamplingStates`).
 
-    The KV cache is one tensor ``[num_layers, 2, num_blocks, block_size, KVH_local, head_dim]``.
+    The device is the model's (its parameters'): the KV cache, every per-iteration tensor and every
+    tensor of the forward and the sampler live there. The KV cache is one tensor ``[num_layers, 2,
+    num_blocks, block_size, KVH_local, head_dim]``; with ``num_blocks=None`` it is allocated later by
+    :meth:`initialize_cache` (after :meth:`profile_run` has measured what the device has left).
     """
 
     def __init__(self, model: LlamaForCausalLM, model_config: ModelConfig, exit_config: Optional[ExitConfig],
-                 num_blocks: int, block_size: int, is_driver: bool = True):
+                 num_blocks: Optional[int], block_size: int, is_driver: bool = True):
         self.model = model
         self.model_config = model_config
         self.exit_config = exit_config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
         self.heads = ExitHeads(model, exit_config) if exit_config is not None and exit_config.exit_layers else None
         self.block_size = block_size
         self.is_driver = is_driver
-        attn = model.model.layers[0].self_attn
-        dtype = next(model.parameters()).dtype
-        self.kv_cache = torch.zeros(model_config.num_layers, 2, num_blocks, block_size, attn.num_kv_heads,
-                                    attn.head_dim, dtype=dtype)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(model_config.num_layers)]
+        self.kv_cache: Optional[torch.Tensor] = None
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+        if num_blocks is not None:
+            self.initialize_cache(num_blocks)
         self.sampling_states = SamplingStates()
 
-    def _slots(self, block_table: list[int], start: int, n: int) -> torch.Tensor:
-        bt = torch.tensor(block_table, dtype=torch.long)
-        pos = torch.arange(start, start + n)
-        return bt[pos // self.block_size] * self.block_size + pos % self.block_size
+    # ------------------------------------------------------------------------------------ memory
+    def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        attn = self.model.model.layers[0].self_attn
+        return (self.model_config.num_layers, 2, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
 
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block on this rank (all layers, K and V)."""
+        return math.prod(self._cache_shape(1)) * self.dtype.itemsize
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of this rank's weights (model and exit heads; tied tensors once)."""
+        seen, total = set(), 0
+        mods = [self.model] + ([self.heads] if self.heads is not None else [])
+        for m in mods:
+            for t in m.parameters():
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return total
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache (zeros: unused slots must hold finite values) on the model's device."""
+        self.kv_cache = None
+        self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=self.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.model_config.num_layers)]
+        self.num_blocks = num_blocks
+
+    @torch.inference_mode()
+    def profile_run(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+        """The largest iterations the scheduler can send, on a scratch cache, to measure peak activation
+        memory before the KV cache is sized: one prefill chunk of ``max_num_batched_tokens`` tokens,
+        then a decode step of ``max_num_seqs`` rows at ``max_model_len`` context (sharing the scratch
+        blocks) sampled with top-k and top-p (the sampler's largest buffers). Every rank runs it (the
+        collectives run too); nothing is read back."""
+        from cluster.core.outputs import ScheduledRequest
+        from cluster.sampling import SamplingParams
+
+        bs = self.block_size
+        prefill = min(max_num_batched_tokens, max_model_len)  # a chunk never passes the context window
+        nb = -(-max_model_len // bs)
+        scratch = torch.zeros(self._cache_shape(nb), dtype=self.dtype, device=self.device)
+        caches = [(scratch[i, 0], scratch[i, 1]) for i in range(self.model_config.num_layers)]
+        table = list(range(nb))
+        full = SamplingParams(max_tokens=1, temperature=1.0, top_k=50, top_p=0.9)
+        steps = [
+            [ScheduledRequest("profile-prefill", [0] * prefill, 0, table, True, False, full)],
+            [ScheduledRequest(f"profile-decode-{i}", [0], max_model_len - 1, table, True, True, full,
+                              exit_threshold=2.0) for i in range(min(max_num_seqs, max_num_batched_tokens))],
+        ]
+        for scheduled in steps:
+            input_ids, positions, meta, batch = self.prepare(SchedulerOutput(scheduled=scheduled))
+            result = forward_with_exits(self.model, self.heads, input_ids, positions, meta, caches, batch)
+            if self.is_driver:
+                sample(result.logits, [full] * result.logits.shape[0])
+        del scratch, caches
+
+    # ---------------------------------------------------------------------------------- one step
     def prepare(self, so: SchedulerOutput):
-        """Build ``(input_ids [T], positions [T], AttentionMetadata, ExitBatch)`` for one iteration."""
-        ids, positions, slots, sample_rows, eligible, thresholds = [], [], [], [], [], []
-        decode_tables, decode_lens, prefills = [], [], []
+        """Build ``(input_ids [T], positions [T], AttentionMetadata, ExitBatch)`` for one iteration.
+
+        Everything is gathered on the host into ONE int64 buffer (ids, positions, slot mapping, decode
+        block tables and context lengths, prefill chunk tables, sample rows, eligibility, thresholds
+        as float64 bits) and copied to the device once (pinned, non-blocking on CUDA); the tensors
+        are views of that copy. No device value is read.
+        """
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        tables, lens, chunks = [], [], []
+        rows, eligible, thresholds = [], [], []
         t = 0
         for sr in so.scheduled:
-            n = len(sr.token_ids)
-            ids.extend(sr.token_ids)
-            positions.append(torch.arange(sr.start_position, sr.start_position + n))
-            slots.append(self._slots(sr.block_table, sr.start_position, n))
-            if sr.exit_eligible:
-                decode_tables.append(sr.block_table)
-                decode_lens.append(sr.start_position + 1)
+            n, s0, table = len(sr.token_ids), sr.start_position, sr.block_table
+            ids += sr.token_ids
+            if n == 1:
+                pos.append(s0)
+                slots.append(table[s0 // bs] * bs + s0 % bs)
             else:
-                prefills.append(PrefillChunk(t, n, sr.start_position, torch.tensor(sr.block_table, dtype=torch.long)))
+                r = range(s0, s0 + n)
+                pos += r
+                slots += [table[p // bs] * bs + p % bs for p in r]
+            if sr.exit_eligible:
+                tables.append(table)
+                lens.append(s0 + 1)
+            else:
+                chunks.append((t, n, s0, table))
             if sr.sample:
                 # NaN: the exit config's default (per exit layer if calibrated); > 1: full model
                 thr = float("nan") if sr.exit_threshold is None else float(sr.exit_threshold)
-                sample_rows.append(t + n - 1)
+                rows.append(t + n - 1)
                 eligible.append(sr.exit_eligible and self.heads is not None and not thr > 1.0)
                 thresholds.append(thr)
             t += n
-        D = len(decode_tables)
-        width = max((len(b) for b in decode_tables), default=1)
-        bt = torch.zeros(D, width, dtype=torch.long)
-        for i, b in enumerate(decode_tables):
-            bt[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-        meta = AttentionMetadata(torch.cat(slots), D, bt, torch.tensor(decode_lens, dtype=torch.long), prefills)
-        batch = ExitBatch(torch.tensor(sample_rows, dtype=torch.long), torch.tensor(eligible, dtype=torch.bool),
-                          torch.tensor(thresholds, dtype=torch.float32))
-        return torch.tensor(ids, dtype=torch.long), torch.cat(positions), meta, batch
+        D, S = len(tables), len(rows)
+        width = max((len(b) for b in tables), default=1)
+        eligible_rows = [j for j, e in enumerate(eligible) if e]
+        buf = ids + pos + slots
+        for b in tables:
+            buf += b
+            buf += [0] * (width - len(b))
+        buf += lens
+        for c in chunks:
+            buf += c[3]
+        buf += rows
+        buf += [int(e) for e in eligible]
+        buf += eligible_rows
+        buf += array("q", array("d", thresholds).tobytes())  # float64 bits: NaN survives
+        parts = [t, t, t, D * width, D] + [len(c[3]) for c in chunks] + [S, S, len(eligible_rows), S]
+        views = host_to_device(buf, torch.long, self.device).split(parts)
+        input_ids, positions, slot_mapping, bt, ctx_lens = views[:5]
+        prefills = [PrefillChunk(c[0], c[1], c[2], v) for c, v in zip(chunks, views[5:5 + len(chunks)])]
+        sample_rows, elig, elig_rows, thr_bits = views[5 + len(chunks):]
+        meta = AttentionMetadata(slot_mapping, D, bt.view(D, width), ctx_lens, prefills)
+        batch = ExitBatch(sample_rows, elig.bool(), thr_bits.view(torch.float64).to(torch.float32),
+                          host_rows=rows, host_eligible=eligible, eligible_rows=elig_rows)
+        return input_ids, positions, meta, batch
 
     @torch.inference_mode()
     def forward(self, so: SchedulerOutput) -> ExitResult:
+        if self.kv_cache is None:
+            raise RuntimeError("the KV cache is not allocated yet (initialize_cache)")
         input_ids, positions, meta, batch = self.prepare(so)
         return forward_with_exits(self.model, self.heads, input_ids, positions, meta, self.kv_caches, batch)
 

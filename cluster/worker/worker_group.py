@@ -41,7 +41,7 @@ class WorkerGroup:
     """
 
     def __init__(self, model_dir: str, model_config: ModelConfig, parallel_config: ParallelConfig,
-                 exit_config: Optional[ExitConfig], num_blocks: int, block_size: int,
+                 exit_config: Optional[ExitConfig], num_blocks: Optional[int], block_size: int,
                  placement_group=None, bundle_offset: int = 0, num_cpus_per_rank: float = 0.001,
                  num_threads_per_rank: Optional[int] = None, placement_strategy: str = "STRICT_PACK",
                  startup_timeout_s: float = 300.0):
@@ -113,6 +113,42 @@ class WorkerGroup:
             raise RuntimeError(f"tensor-parallel rank {_failed_rank(refs)} of {self.tp} failed in execute_model: "
                                f"{_summary(e)}") from e
 
+    def _all(self, method: str, *args, timeout_s: Optional[float] = None) -> list:
+        """``method(*args)`` on every rank at once (collectives inside stay in step); their results."""
+        if self.local is not None:
+            return [getattr(self.local, method)(*args)]
+        import ray
+
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.RayError as e:
+            raise RuntimeError(f"tensor-parallel rank {_failed_rank(refs)} of {self.tp} failed in {method}: "
+                               f"{_summary(e)}") from e
+
+    def determine_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int, max_num_seqs: int,
+                             max_model_len: int):
+        """The KV block count that fits on every rank's device (the smallest of the ranks'), as the
+        driver rank's :class:`~cluster.worker.memory.MemoryReport` with that count.
+
+        Raises:
+            RuntimeError: a rank failed (a ValueError "no room for the KV cache" in its message).
+        """
+        import dataclasses
+
+        reports = self._all("determine_num_blocks", gpu_memory_utilization, max_num_batched_tokens, max_num_seqs,
+                            max_model_len)
+        n = min(r.num_blocks for r in reports)
+        return dataclasses.replace(reports[0], num_blocks=n, kv_cache_bytes=n * reports[0].block_bytes)
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """Allocate every rank's KV cache with ``num_blocks`` blocks."""
+        self._all("initialize_cache", num_blocks)
+
+    def memory_report(self):
+        """The driver rank's :class:`~cluster.worker.memory.MemoryReport` (weights, KV bytes, blocks)."""
+        return self._all("memory_report")[0]
+
     def check_health(self, timeout_s: float = 30.0) -> None:
         """Raises if any rank is dead or unresponsive (a Serve replica then fails its health check)."""
         if self.local is not None:
@@ -121,10 +157,17 @@ class WorkerGroup:
 
         ray.get([a.ping.remote() for a in self.actors], timeout=timeout_s)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Every rank leaves the process group (``destroy_process_group``) and frees its device memory;
+        then the actors are killed (also those that did not answer within ``timeout_s``)."""
         if self.actors:
             import ray
 
+            refs = [a.shutdown.remote() for a in self.actors]
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - a dead rank: kill the rest anyway
+                pass
             for a in self.actors:
                 ray.kill(a)
             self.actors = []
@@ -133,6 +176,8 @@ class WorkerGroup:
 
             remove_placement_group(self._pg_owned)
             self._pg_owned = None
+        if self.local is not None:
+            self.local.shutdown()
         self.local = None
 
 

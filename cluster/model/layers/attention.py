@@ -6,7 +6,10 @@ KVH_local, d]``; a token at position ``p`` of a sequence lives in slot
 ``block_table[p // block_size] * block_size + p % block_size``.
 
 Decodes run as one batched SDPA call over block-table gathers (padded, masked by context length);
-each prefill chunk runs as one causal SDPA call over its gathered prefix.
+each prefill chunk runs as one causal SDPA call over its gathered prefix. Both go through
+``torch.nn.functional.scaled_dot_product_attention`` (CPU and CUDA kernels alike), every tensor made
+here is created on the query's device, and nothing reads a device value on the host (the shapes
+come from the metadata: no host sync).
 """
 from __future__ import annotations
 
@@ -22,30 +25,35 @@ class PrefillChunk:
     token_start: int  # index of the chunk's first token in the flattened batch
     num_tokens: int
     start_position: int  # sequence position of the chunk's first token
-    block_table: torch.Tensor  # [num_blocks_of_seq] long
+    block_table: torch.Tensor  # [num_blocks_of_seq] long, on the cache's device
 
 
 @dataclass
 class AttentionMetadata:
     """Where each token's K/V go and what each query attends to."""
 
+    # every tensor lives on the KV cache's device (the model runner copies them there once per iteration)
     slot_mapping: torch.Tensor  # [T] long, flat cache slot of every token
     num_decodes: int  # D: tokens [0, D) are decode tokens
     decode_block_tables: torch.Tensor  # [D, max_blocks] long (padded with 0)
     decode_context_lens: torch.Tensor  # [D] long, tokens visible to each decode query (incl. itself)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
-    def select_decodes(self, rows: torch.Tensor) -> "AttentionMetadata":
-        """Metadata for a subset of decode rows (indices into ``[0, D)``) plus all prefill tokens.
+    def select_decodes(self, keep: torch.Tensor, num_decodes: int) -> "AttentionMetadata":
+        """Metadata for a subset of the tokens: ``keep`` (long, on the metadata's device) holds the
+        kept decode rows (indices into ``[0, D)``, ascending) followed by every prefill token
+        (``D .. T-1``); ``num_decodes`` (a host int) is how many of ``keep`` are decode rows.
 
         The selected batch is ``[decode rows..., prefill tokens...]``; prefill token starts shift.
+        No host sync (the count comes from the caller).
         """
-        shift = self.num_decodes - rows.numel()
+        shift = self.num_decodes - num_decodes
         prefills = [PrefillChunk(p.token_start - shift, p.num_tokens, p.start_position, p.block_table)
                     for p in self.prefills]
-        keep = torch.cat([rows, torch.arange(self.num_decodes, self.slot_mapping.numel())])
-        return AttentionMetadata(self.slot_mapping[keep], rows.numel(), self.decode_block_tables[rows],
-                                 self.decode_context_lens[rows], prefills)
+        rows = keep[:num_decodes]
+        return AttentionMetadata(self.slot_mapping.index_select(0, keep), num_decodes,
+                                 self.decode_block_tables.index_select(0, rows),
+                                 self.decode_context_lens.index_select(0, rows), prefills)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -70,7 +78,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         S = bt.shape[1] * bs
         k = k_cache[bt].view(D, S, kvh, d).transpose(1, 2)
         v = v_cache[bt].view(D, S, kvh, d).transpose(1, 2)
-        mask = (torch.arange(S) < meta.decode_context_lens.unsqueeze(1)).view(D, 1, 1, S)
+        mask = (torch.arange(S, device=q.device) < meta.decode_context_lens.unsqueeze(1)).view(D, 1, 1, S)
         o = F.scaled_dot_product_attention(q[:D].unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                            enable_gqa=True)
         out[:D] = o.squeeze(2)
@@ -82,8 +90,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if p.start_position == 0:
             o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            qpos = torch.arange(p.start_position, ctx).unsqueeze(1)
-            mask = torch.arange(ctx).unsqueeze(0) <= qpos
+            qpos = torch.arange(p.start_position, ctx, device=q.device).unsqueeze(1)
+            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= qpos
             o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[p.token_start:p.token_start + n] = o.squeeze(0).transpose(0, 1)
     return out

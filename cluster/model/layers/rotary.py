@@ -18,28 +18,37 @@ def _rope_parameters(hf_config) -> dict:
 
 
 def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Returns ``([head_dim / 2] inverse frequencies, attention scaling)``."""
+    """Returns ``([head_dim / 2] float32 inverse frequencies on the CPU, attention scaling)``."""
     params = _rope_parameters(hf_config)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         theta = float(params.get("rope_theta", 10000.0))
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
         return inv, 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    # float32 whatever the default dtype while the model is built (bfloat16 on GPUs)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        inv, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    finally:
+        torch.set_default_dtype(prev)
+    return inv.to(device="cpu", dtype=torch.float32), scale
 
 
 class RotaryEmbedding(nn.Module):
     """Applies RoPE in place of q/k: ``q [T, H, d]``, ``k [T, KVH, d]``, ``positions [T]``.
 
-    cos/sin tables are precomputed for ``max_positions`` in float32 (cast to the input dtype).
+    cos/sin tables are precomputed on the CPU for ``max_positions`` in float32 (the same bits on
+    every device), then kept as buffers: ``model.to(device)`` moves them to the model's device, where
+    each iteration gathers its rows (cast to the input dtype).
     """
 
     def __init__(self, hf_config, head_dim: int, max_positions: int):
         super().__init__()
         inv_freq, scale = rope_inv_freq(hf_config, head_dim)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq.float())
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
