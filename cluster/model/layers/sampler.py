@@ -303,6 +303,9 @@ def _process(logits, b: _Batch, history: Optional[TokenHistory]):
     import torch
 
     V, dev = b.vocab_size, logits.device
+    f = host_to_device(b.cols, torch.float32, dev).T
+    if not (b.seeded or b.any_unseeded or b.bias[0] or b.ban[0] or b.guided_rows or b.any_penalty):
+        return logits, f  # plain greedy batch: argmax of the raw logits, no copy
     x = logits.to(torch.float32, copy=True)
     if b.bias[0]:
         idx = host_to_device(b.bias[:2], torch.long, dev)
@@ -321,7 +324,6 @@ def _process(logits, b: _Batch, history: Optional[TokenHistory]):
             dead = torch.isneginf(sub).all(dim=-1, keepdim=True)
             sub = torch.where(dead, pre_ban.masked_fill_(disallowed, _NEG_INF), sub)
         x.index_copy_(0, g_idx, sub)
-    f = host_to_device(b.cols, torch.float32, dev).T
     if b.any_penalty:
         h_idx = host_to_device(history.rows, torch.long, dev)
         hf = f.index_select(1, h_idx)
