@@ -12,6 +12,7 @@ ConfidenceMeasure = Literal["max_prob", "top2_margin", "classifier"]
 CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "classifier")
 ExitHeadKind = Literal["shared", "trained"]
 ExitPolicy = Literal["paper", "per_sequence"]
+QUANT_CHOICES = ("none", "int8", "int4")  # same as cluster.model.layers.quant.QUANT_CHOICES
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ModelConfig:
     attention_bias: bool
     mlp_bias: bool
     dtype: str = "float32"
+    quantization: str = "none"  # weight-only: none | int8 (per output channel) | int4 (group-wise)
+    quant_group_size: int = 32  # int4 group size along the input dimension (32, 64 or 128; 32 measured best)
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
     # The HF config object itself (used for RoPE init functions); excluded from eq/hash.
@@ -42,8 +45,15 @@ class ModelConfig:
 
     SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 
+    def __post_init__(self):
+        if self.quantization not in QUANT_CHOICES:
+            raise ValueError(f"quantization: must be one of {QUANT_CHOICES}, got {self.quantization!r}")
+        if self.quant_group_size not in (32, 64, 128):
+            raise ValueError(f"quant_group_size: must be 32, 64 or 128, got {self.quant_group_size}")
+
     @classmethod
-    def from_hf_config(cls, hf_config, dtype: str = "float32", max_model_len: Optional[int] = None) -> "ModelConfig":
+    def from_hf_config(cls, hf_config, dtype: str = "float32", max_model_len: Optional[int] = None,
+                       quantization: str = "none", quant_group_size: int = 32) -> "ModelConfig":
         """Build from a ``transformers`` ``PretrainedConfig``.
 
         Raises:
@@ -75,6 +85,8 @@ class ModelConfig:
             attention_bias=attention_bias,
             mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
             dtype=dtype,
+            quantization=quantization,
+            quant_group_size=quant_group_size,
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             eos_token_ids=eos_ids,
             hf_config=hf_config,

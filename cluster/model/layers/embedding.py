@@ -10,6 +10,7 @@ from torch import nn
 
 from cluster.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
 from cluster.model.layers.linear import narrow, shape_of
+from cluster.model.layers.quant import QuantizableLinear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -40,20 +41,29 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(y)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, QuantizableLinear):
     """``[n, hidden] -> [n, V / tp]`` vocab-parallel logits (``-inf`` on padding).
 
-    With tied embeddings it shares the embedding's weight tensor.
+    With tied embeddings it shares the embedding's weight tensor (quantized, it adds its own
+    quantized copy and the float weight stays for the embedding lookup).
     """
+
+    is_lm_head = True
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabParallelEmbedding | None = None):
         super().__init__(vocab_size, hidden_size)
+        self.tied = tied_to is not None
         if tied_to is not None:
             self.weight = tied_to.weight
 
+    def quantize_(self, method: str, group_size: int, keep_float: bool = False) -> None:
+        """Weight-only quantized logits; a head tied to the embedding keeps the shared float weight
+        (the embedding lookup stays float)."""
+        super().quantize_(method, group_size, keep_float or self.tied)
+
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's logits, float32: ``[n, vocab_local]``."""
-        logits = F.linear(hidden, self.weight).float()
+        logits = self.matmul(hidden).float()
         pad = self.vocab_local - (self.vocab_end - self.vocab_start)
         if pad:
             logits[:, -pad:] = float("-inf")

@@ -2,7 +2,9 @@
 
 Every parameter carries a ``weight_loader(param, loaded, shard_id=None)`` that copies only this
 rank's shard. ``loaded`` may be a torch tensor or a lazy safetensors slice (so each rank reads only
-its shard from a memory-mapped file); :func:`narrow` handles both.
+its shard from a memory-mapped file); :func:`narrow` handles both. Every layer multiplies through
+:meth:`~cluster.model.layers.quant.QuantizableLinear.matmul`: the float weight, or after
+``quantize_`` (int8 / int4 weight-only, each rank its own shard) PyTorch's packed kernels.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.distributed import all_reduce, tp_rank, tp_size
+from cluster.model.layers.quant import QuantizableLinear, QuantizedWeight
 
 
 def shape_of(loaded) -> tuple[int, ...]:
@@ -44,7 +47,7 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(QuantizableLinear):
     """A linear layer held whole on every rank. weight ``[out, in]``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -57,10 +60,10 @@ class ReplicatedLinear(nn.Module):
             self.bias.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(QuantizableLinear):
     """Output dimension split over ranks: ``[T, in] -> [T, out / tp]`` (no communication)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -79,7 +82,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(narrow(loaded, 0, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -128,13 +131,21 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def kv_only(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V projections alone (the KV-fill path): ``[T, hidden] -> 2 x [T, KVH_local * d]``."""
-        w = self.weight[self.q_size:]
         b = None if self.bias is None else self.bias[self.q_size:]
-        kv = F.linear(x, w, b)
+        kv_q = self._modules.get("kv_qweight")
+        if kv_q is not None:
+            kv = kv_q(x) if b is None else kv_q(x) + b
+        else:
+            kv = F.linear(x, self.weight[self.q_size:], b)
         return kv.split([self.kv_size, self.kv_size], dim=-1)
 
+    def quantize_(self, method: str, group_size: int, keep_float: bool = False) -> None:
+        """Also quantizes the K/V rows alone for :meth:`kv_only` (packed layouts cannot be row-sliced)."""
+        self.kv_qweight = QuantizedWeight.from_float(self.weight.data[self.q_size:], method, group_size)
+        super().quantize_(method, group_size, keep_float)
 
-class RowParallelLinear(nn.Module):
+
+class RowParallelLinear(QuantizableLinear):
     """Input dimension split over ranks: ``[T, in / tp] -> [T, out]`` with one all-reduce.
 
     The bias is added once, after the all-reduce.
@@ -156,5 +167,5 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(narrow(loaded, 1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(self.matmul(x))
         return y if self.bias is None else y + self.bias
