@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -42,6 +43,17 @@ def _env(home: str, **extra: str) -> dict:
 
 def _run(args, env, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run(RAY + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _status_ok(address: str, env: dict, deadline_s: float = 60.0) -> subprocess.CompletedProcess:
+    """``ray status`` with retries while the freshly started head reports "No cluster status" (its
+    autoscaler state arrives a few seconds after ``ray start`` returns)."""
+    end = time.monotonic() + deadline_s
+    while True:
+        r = _run(["status", "--address", address], env)
+        if r.returncode != 0 or "Autoscaler status" in r.stdout or time.monotonic() > end:
+            return r
+        time.sleep(2)
 
 
 def _kill_cluster(sid: int, markers: list[str]) -> None:
@@ -112,14 +124,13 @@ def test_ray_status_needs_auth_mode_token(token_head):
     r = _run(["status", "--address", address], env)
     assert r.returncode != 0 and "InvalidAuthToken" in r.stdout + r.stderr, r.stdout + r.stderr
 
-    r = _run(["status", "--address", address], {**env, "RAY_AUTH_MODE": "token"})
+    r = _status_ok(address, {**env, "RAY_AUTH_MODE": "token"})
     assert r.returncode == 0 and "Autoscaler status" in r.stdout, r.stdout + r.stderr
 
     # the token from the environment instead of ~/.ray/auth_token (another machine, CI)
     elsewhere = tempfile.mkdtemp(prefix="eeray-home-")
     try:
-        r = _run(["status", "--address", address],
-                 {**env, "HOME": elsewhere, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+        r = _status_ok(address, {**env, "HOME": elsewhere, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
         assert r.returncode == 0 and "Autoscaler status" in r.stdout, r.stdout + r.stderr
     finally:
         shutil.rmtree(elsewhere, ignore_errors=True)
