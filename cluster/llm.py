@@ -84,7 +84,7 @@ class LLM:
 
     def chat(self, conversations: Union[list[dict], Sequence[list[dict]]],
              params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
-             use_tqdm: bool = False, exit_threshold: Optional[float] = None) -> list[GenerationOutput]:
+             use_tqdm: bool = False, exit_threshold: Optional[float] = None) -> list[CompletionOutput]:
         """Generate replies to chat conversations (OpenAI-style message lists) via the chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]

@@ -47,6 +47,28 @@ app = _App(title="eeserve", version=version(),
            description="OpenAI-compatible API of an early-exit LLM server")
 
 
+class JSONBodyByDefault:
+    """ASGI middleware: a POST body sent without a JSON content type (``curl -d '{...}'`` sends
+    ``application/x-www-form-urlencoded``, some clients send none) is read as JSON, as OpenAI's API
+    and this server before typed bodies did; an invalid body still gets a 400 error object."""
+
+    FORM = (b"application/x-www-form-urlencoded", b"")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            ctype = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+            if ctype.split(b";")[0].strip().lower() in self.FORM:
+                scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(JSONBodyByDefault)
+
+
 class State:
     """Per-process state the module-level handlers need (one ingress replica per process)."""
 

@@ -22,8 +22,6 @@ from pydantic_core import PydanticCustomError
 from cluster.engine.protocol import FULL_MODEL_THRESHOLD, EngineRequest
 from cluster.sampling import GuidedDecodingParams, SamplingParams
 
-# what the ingress sends to an LLMServer replica (and the router reads): the engine's own request type
-GenerateRequest = EngineRequest
 MAX_N = 16  # choices per prompt
 MAX_STOP = 4  # stop sequences (OpenAI's limit)
 

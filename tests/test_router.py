@@ -123,9 +123,9 @@ def test_request_fields_reads_generate_request():
     from types import SimpleNamespace
 
     from cluster.sampling import SamplingParams
-    from deployments.protocol import GenerateRequest
+    from cluster.engine.protocol import EngineRequest
 
-    req = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(max_tokens=7))
+    req = EngineRequest(request_id="r", prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(max_tokens=7))
     pr = SimpleNamespace(args=[req], kwargs={})
     assert _request_fields(pr) == ([1, 2, 3], 7)
     assert _request_fields(SimpleNamespace(args=["text"], kwargs={})) == (None, None)

@@ -252,3 +252,17 @@ def test_client_disconnect_aborts_and_frees_blocks(server, path):
     generated = stats["num_generated_tokens"] - before["num_generated_tokens"]
     assert generated < 300, "the request ran to the end: not aborted"
     assert stats["num_finished_requests"] == before["num_finished_requests"]
+
+
+def test_curl_style_body_without_json_content_type(server):
+    """`curl -d '{...}'` sends application/x-www-form-urlencoded: the body is still read as JSON."""
+    import httpx
+
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    r = httpx.post(f"{server}/v1/chat/completions", content=body, timeout=120,
+                   headers={"Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] is not None
+    bad = httpx.post(f"{server}/v1/chat/completions", content="model=x", timeout=60,
+                     headers={"Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Bearer {KEY}"})
+    assert bad.status_code == 400 and "error" in bad.json()

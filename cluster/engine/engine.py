@@ -19,15 +19,11 @@ from typing import Optional, Union
 from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from cluster.core.scheduler import Scheduler
 from cluster.engine.detokenizer import IncrementalDetokenizer
-from cluster.engine.protocol import (CompletionOutput, EngineRequest, InvalidRequestError, RequestOutput,
-                                     TokenLogprob)
+from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput, TokenLogprob
 from cluster.request import Request, RequestStatus
 from cluster.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-# backwards-compatible name: the accumulated output of a request
-GenerationOutput = CompletionOutput
 
 
 @dataclass
