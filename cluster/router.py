@@ -4,13 +4,18 @@ Two layers:
 
 * :class:`PrefixLoadPolicy`: pure Python (no Ray), unit-tested on fake replicas.
 
-  - *Load* of a replica, in tokens: outstanding work + ``kv_weight * kv_usage * kv_capacity``. The
-    replica reports its running + waiting tokens and KV usage, stamped with the time ``ts`` of the
-    snapshot, through ``record_routing_stats`` (polled by the Serve controller every
+  - *Load* of a replica, in full-depth tokens: outstanding work + ``kv_weight * kv_usage *
+    kv_capacity``. The replica reports its running + waiting tokens, KV usage and the recent mean exit
+    layer of its generated tokens, stamped with the time ``ts`` of the snapshot, through ``record_routing_stats`` (polled by the Serve controller every
     ``request_routing_stats_period_s``). The router corrects that stale snapshot with what it knows
     exactly and at once: it subtracts the requests it sent there that finished after ``ts`` and adds
     the ones it sent after ``ts``. So a burst from one router spreads before the next poll, and a
     conversation's next turn, sent the moment the previous one ends, sees its replica idle.
+  - *Exit-aware cost*: a decode token runs ``mean_exit_layer`` of the model's ``num_layers`` decoder
+    layers on average, so running requests (and the expected output of requests routed since the
+    snapshot) count ``depth = mean_exit_layer / num_layers`` per token, while waiting tokens (prefill,
+    always full depth) count 1. A replica whose requests exit early is seen as less loaded. Depth is
+    clamped to [``min_depth``, 1]; a replica that reports no exit layer counts full depth.
   - *Prefix affinity*: the router remembers, per block of ``block_size`` prompt tokens (a hash chain
     over the prefix, like the engine's prefix cache), the replica that last received it. A request
     goes to the replica holding its longest remembered prefix while that replica's load exceeds the
@@ -43,6 +48,7 @@ class _InFlight:
     tokens: int
     since: float  # time routed (confirmed) or chosen (tentative)
     confirmed: bool = False
+    prompt_tokens: int = 0  # of ``tokens``: the prompt (full depth); the rest is expected output
 
 
 @dataclass
@@ -51,6 +57,7 @@ class _Done:
     tokens: int
     routed: float
     done: float
+    prompt_tokens: int = 0
 
 
 class PrefixLoadPolicy:
@@ -65,6 +72,7 @@ class PrefixLoadPolicy:
         max_prefix_blocks: size of the prefix table (LRU).
         unconfirmed_ttl_s, confirmed_ttl_s: local in-flight entries older than this are dropped.
         done_ttl_s: how long finished requests are kept to correct stale snapshots.
+        min_depth: lower bound of the exit-depth factor (mean exit layer / layers).
         clock: wall-clock time (comparable with the replicas' ``ts``).
     """
 
@@ -72,7 +80,7 @@ class PrefixLoadPolicy:
                  max_kv_usage: float = 0.95, expected_output_tokens: int = 128,
                  max_prefix_blocks: int = 200_000, unconfirmed_ttl_s: float = 60.0,
                  confirmed_ttl_s: float = 3600.0, done_ttl_s: float = 60.0,
-                 rng: Optional[random.Random] = None, clock=time.time):
+                 min_depth: float = 0.05, rng: Optional[random.Random] = None, clock=time.time):
         self.block_size = block_size
         self.imbalance_tokens = imbalance_tokens
         self.kv_weight = kv_weight
@@ -82,6 +90,7 @@ class PrefixLoadPolicy:
         self.unconfirmed_ttl_s = unconfirmed_ttl_s
         self.confirmed_ttl_s = confirmed_ttl_s
         self.done_ttl_s = done_ttl_s
+        self.min_depth = min_depth
         self.rng = rng or random.Random()
         self.clock = clock
         self._prefix: OrderedDict[int, Hashable] = OrderedDict()
@@ -128,18 +137,33 @@ class PrefixLoadPolicy:
     def local_tokens(self, replica: Hashable) -> int:
         return sum(f.tokens for f in self._inflight.values() if f.replica == replica)
 
-    def load(self, replica: Hashable, stats: Optional[Mapping[str, Any]]) -> float:
-        """Outstanding work of ``replica`` in tokens (see module docstring)."""
+    def depth(self, stats: Optional[Mapping[str, Any]]) -> float:
+        """Fraction of the decoder layers a generated token runs on this replica lately
+        (``mean_exit_layer / num_layers``, clamped to [min_depth, 1]); 1 when not reported."""
         stats = stats or {}
-        reported = float(stats.get("running_tokens", 0)) + float(stats.get("waiting_tokens", 0))
+        try:
+            d = float(stats["mean_exit_layer"]) / float(stats["num_layers"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return 1.0
+        return min(1.0, max(self.min_depth, d)) if d == d else 1.0
+
+    def _cost(self, f, depth: float) -> float:
+        """Full-depth tokens of one local entry: its prompt at full depth, its output at ``depth``."""
+        return f.prompt_tokens + (f.tokens - f.prompt_tokens) * depth
+
+    def load(self, replica: Hashable, stats: Optional[Mapping[str, Any]]) -> float:
+        """Outstanding work of ``replica`` in full-depth tokens (see module docstring)."""
+        stats = stats or {}
+        depth = self.depth(stats)
+        reported = float(stats.get("running_tokens", 0)) * depth + float(stats.get("waiting_tokens", 0))
         kv = float(stats.get("kv_usage", 0.0)) * float(stats.get("kv_capacity_tokens", 0))
         mine = [f for f in self._inflight.values() if f.replica == replica]
         ts = stats.get("ts")
         if ts is None:  # no snapshot time: the larger of the two views
-            return max(reported, float(sum(f.tokens for f in mine))) + self.kv_weight * kv
-        before = sum(f.tokens for f in mine if f.since <= ts)
-        after = sum(f.tokens for f in mine if f.since > ts)
-        gone = sum(d.tokens for d in self._done if d.replica == replica and d.routed <= ts < d.done)
+            return max(reported, sum(self._cost(f, depth) for f in mine)) + self.kv_weight * kv
+        before = sum(self._cost(f, depth) for f in mine if f.since <= ts)
+        after = sum(self._cost(f, depth) for f in mine if f.since > ts)
+        gone = sum(self._cost(d, depth) for d in self._done if d.replica == replica and d.routed <= ts < d.done)
         still = max(reported - gone, float(before), 0.0)
         if reported > 0:
             kv *= min(1.0, still / reported)
@@ -185,9 +209,9 @@ class PrefixLoadPolicy:
         pair.sort(key=lambda r: loads[r])  # stable: equal loads keep the random order
         ranks += [r for r in pair if r not in ranks]
         if request_key is not None:
-            tokens = len(token_ids or ()) + min(max_tokens or self.expected_output_tokens,
-                                                self.expected_output_tokens)
-            self._inflight[request_key] = _InFlight(ranks[0], tokens, self.clock())
+            prompt = len(token_ids or ())
+            tokens = prompt + min(max_tokens or self.expected_output_tokens, self.expected_output_tokens)
+            self._inflight[request_key] = _InFlight(ranks[0], tokens, self.clock(), prompt_tokens=prompt)
             if hashes:
                 self.remember(hashes, ranks[0])
         return [[r] for r in ranks]
@@ -203,7 +227,7 @@ class PrefixLoadPolicy:
     def on_completed(self, request_key: str) -> None:
         f = self._inflight.pop(request_key, None)
         if f is not None and f.confirmed:
-            self._done.append(_Done(f.replica, f.tokens, f.since, self.clock()))
+            self._done.append(_Done(f.replica, f.tokens, f.since, self.clock(), f.prompt_tokens))
 
 
 def _request_fields(pending_request: Optional[PendingRequest]) -> tuple[Optional[list[int]], Optional[int]]:

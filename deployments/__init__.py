@@ -28,7 +28,7 @@ def build_app(args: Optional[dict] = None):
     cfg = ServeArgs.model_validate(dict(args or {}))
     device = cfg.resolved_device()
     opts: dict = dict(
-        ray_actor_options={"num_cpus": cfg.replica_num_cpus},
+        ray_actor_options={"num_cpus": cfg.replica_num_cpus, "resources": dict(cfg.replica_resources)},
         health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
         request_router_config=RequestRouterConfig(
@@ -40,8 +40,12 @@ def build_app(args: Optional[dict] = None):
     bundles = cfg.placement_group_bundles(device)
     if bundles:
         opts.update(placement_group_bundles=bundles, placement_group_strategy=cfg.placement_strategy)
-    if cfg.num_replicas is not None:
+    if cfg.autoscaling_config is not None:
+        opts["autoscaling_config"] = dict(cfg.autoscaling_config)
+    elif cfg.num_replicas is not None:
         opts["num_replicas"] = cfg.num_replicas
+    if cfg.graceful_shutdown_timeout_s is not None:
+        opts["graceful_shutdown_timeout_s"] = cfg.graceful_shutdown_timeout_s
     if cfg.max_ongoing_requests is not None:
         opts["max_ongoing_requests"] = cfg.max_ongoing_requests
     if cfg.max_queued_requests is not None:

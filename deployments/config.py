@@ -48,6 +48,10 @@ class ServeArgs(BaseModel):
     torch_threads: Optional[int] = Field(None, ge=1, description="torch threads per rank on CPU (default: cores / tp)")
     # ---- replicas and placement
     num_replicas: Optional[Union[int, Literal["auto"]]] = Field(None, description="None: 1, or the config file's")
+    autoscaling_config: Optional[dict] = Field(
+        None, description="Serve autoscaling of LLMServer (min_replicas, max_replicas, target_ongoing_requests, ...)")
+    graceful_shutdown_timeout_s: Optional[float] = Field(
+        None, gt=0, description="how long a replica being removed may finish its requests (Serve's default: 20)")
     max_ongoing_requests: Optional[int] = Field(None, ge=1)
     max_queued_requests: Optional[int] = Field(None, ge=-1)
     replica_num_cpus: float = Field(0.2, ge=0.0, description="CPUs of the replica's own bundle")
@@ -55,6 +59,8 @@ class ServeArgs(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(60.0, gt=0)
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources of each replica (its own bundle), e.g. a node type's")
     # ---- router (cluster.router.PrefixAwareLoadRouter)
     routing_stats_period_s: float = Field(1.0, gt=0)
     router_imbalance_tokens: int = Field(1024, ge=0)
@@ -66,11 +72,31 @@ class ServeArgs(BaseModel):
                                 "(lowered to the KV capacity by the engine), completions 16 (the OpenAI default)")
     ingress_num_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.1, ge=0.0)
+    health_timeout_s: float = Field(0.5, gt=0, description="GET /health answers 503 if no replica answers in time")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After header of 503 answers (overloaded, no engine)")
 
     @field_validator("model", "served_model_name", "api_key", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v in ("", "None", "none", "null") else v
+
+    @field_validator("autoscaling_config", mode="before")
+    @classmethod
+    def _json_or_none(cls, v):
+        if isinstance(v, str):
+            import json
+
+            return json.loads(v) if v.strip() not in ("", "None", "none", "null") else None
+        return v
+
+    @field_validator("replica_resources", mode="before")
+    @classmethod
+    def _json_dict(cls, v):
+        if isinstance(v, str):  # serve run ... replica_resources='{"llm_node": 1}'
+            import json
+
+            return json.loads(v) if v.strip() not in ("", "None", "none", "null") else {}
+        return v if v is not None else {}
 
     @field_validator("num_replicas", "default_max_tokens", mode="before")
     @classmethod
@@ -116,7 +142,8 @@ class ServeArgs(BaseModel):
         if not self.uses_rank_actors(device):
             return None
         rank = {"GPU": 1} if device.startswith("cuda") else {"CPU": self.num_cpus_per_rank or 0.001}
-        return [{"CPU": self.replica_num_cpus or 0.001}] + [dict(rank) for _ in range(self.tensor_parallel_size)]
+        own = {"CPU": self.replica_num_cpus or 0.001, **self.replica_resources}
+        return [own] + [dict(rank) for _ in range(self.tensor_parallel_size)]
 
     def engine_kwargs(self, device: str) -> dict:
         """Keyword arguments of :func:`cluster.engine.factory.create_engine` (placement group added by the replica)."""

@@ -74,6 +74,7 @@ class State:
 
     api_key: Optional[str] = None
     metrics: Optional[IngressMetrics] = None
+    retry_after_s: int = 1  # Retry-After of 503 answers (the openai SDK waits that long, then retries)
 
 
 def errors(*codes: int) -> dict:
@@ -93,7 +94,13 @@ GENERATE_RESPONSES = errors(400, 401, 404, 500, 503)
 
 
 def error_response(e: OpenAIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    """The error object with its status; 401 adds ``WWW-Authenticate``, 503 (overloaded, no healthy
+    engine: worth retrying) adds ``Retry-After`` in seconds."""
+    headers = None
+    if e.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif e.status == 503:
+        headers = {"Retry-After": str(State.retry_after_s)}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 

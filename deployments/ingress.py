@@ -47,6 +47,15 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completi
 MAX_CHOICES = 256  # engine requests of one HTTP request (prompts x n)
 
 
+def _cancel(stream) -> None:
+    """Cancel a handle call, best effort. Serve's ``cancel()`` re-raises the call's routing error
+    (``BackPressureError``, no replicas) when it never reached a replica: that is not ours to raise."""
+    try:
+        stream.cancel()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class _Stream:
     """One engine request in flight: its replica stream and its choice."""
 
@@ -76,6 +85,7 @@ class OpenAIIngress:
         self.created = now()
         self.metrics = IngressMetrics(self.model_name, mc.num_layers)
         State.api_key, State.metrics = self.args.resolved_api_key, self.metrics
+        State.retry_after_s = self.args.retry_after_s
 
     # ------------------------------------------------------------------------------ helpers
     def _check_model(self, model: Optional[str]) -> None:
@@ -142,18 +152,21 @@ class OpenAIIngress:
 
     async def _open(self, choice: ChoiceState, er: EngineRequest, prompt_param: str) -> _Stream:
         """Start one engine request and wait for its first item (errors raise before any byte is sent)."""
-        stream = self._remote(er)
+        try:
+            stream = self._remote(er)  # may raise at once: BackPressureError (max_queued_requests), no replicas
+        except Exception as e:  # noqa: BLE001 - mapped to the error object (503 + Retry-After)
+            raise map_error(e, prompt_param) from None
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
             raise OpenAIError(500, "the engine returned no output", type="server_error") from None
         except BaseException as e:
-            stream.cancel()
+            _cancel(stream)
             if isinstance(e, Exception):
                 raise map_error(e, prompt_param) from None
             raise
         if isinstance(first, BaseException):
-            stream.cancel()
+            _cancel(stream)
             raise map_error(first, prompt_param)
         choice.replica = getattr(first, "replica", "") or ""
         return _Stream(choice, first, stream)
@@ -166,7 +179,7 @@ class OpenAIIngress:
         except BaseException:
             for t in tasks:
                 if t.done() and not t.cancelled() and t.exception() is None:
-                    t.result().stream.cancel()
+                    _cancel(t.result().stream)
                 else:
                     t.cancel()
             raise
@@ -200,7 +213,7 @@ class OpenAIIngress:
                 except Exception as e:  # noqa: BLE001 - the replica or the route to it failed
                     item = e
         finally:
-            s.stream.cancel()  # no-op after the end; aborts the request on disconnect
+            _cancel(s.stream)  # no-op after the end; aborts the request on disconnect
             self.metrics.ended(reason, c.arrival, c.first_token, len(c.token_ids))
 
     async def _merged(self, streams: list[_Stream]) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
@@ -245,11 +258,25 @@ class OpenAIIngress:
     # ------------------------------------------------------------------------------- routes
     @app.get("/health", responses=errors(503))
     async def health(self):
+        """200 when at least one LLMServer replica's engine (and its ranks) answers within
+        ``health_timeout_s``; else 503 at once: never waits for a replica to start or come back.
+
+        It asks every running replica directly (``broadcast``: no queue, no ``max_ongoing_requests``),
+        so a busy server stays healthy; the answer counts healthy and failing replicas."""
+        timeout = self.args.health_timeout_s
         try:
-            await asyncio.wait_for(self.llm.health.remote(), timeout=30)
-        except Exception as e:
-            return error_response(OpenAIError(503, f"unhealthy: {e!r}"[:500], type="server_error"))
-        return {"status": "ok"}
+            results = await asyncio.wait_for(
+                self.llm.broadcast("health").results_async(timeout_s=timeout, return_exceptions=True), timeout)
+        except Exception as e:  # noqa: BLE001 - no replica yet (DeploymentUnavailableError), or none answered
+            why = "no replica answered in time" if isinstance(e, asyncio.TimeoutError) else repr(e)
+            return error_response(OpenAIError(503, f"unhealthy: {why}"[:500], type="server_error",
+                                              code="engine_unavailable"))
+        ok_ = [r for r in results if isinstance(r, dict)]
+        if not ok_:
+            why = repr(results[0]) if results else "no running replica"
+            return error_response(OpenAIError(503, f"unhealthy: {why}"[:500], type="server_error",
+                                              code="engine_unavailable"))
+        return {"status": "ok", "replicas": len(ok_), "unhealthy_replicas": len(results) - len(ok_)}
 
     @app.get("/version", responses=ok(VersionResponse))
     async def version(self):
@@ -360,7 +387,7 @@ class OpenAIIngress:
 
         def cancel_all():  # a client gone before the body started: abort what it asked for
             for s in streams:
-                s.stream.cancel()
+                _cancel(s.stream)
 
         return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(cancel_all),
                                  headers={"Cache-Control": "no-cache", **self._headers(streams)})

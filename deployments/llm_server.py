@@ -13,13 +13,17 @@ the engine's :class:`~cluster.worker.worker_group.WorkerGroup` puts rank ``i`` i
 ``tensor_parallel_size == 1`` the single rank runs inside the replica process.
 
 Serve hooks: ``check_health`` (a dead engine loop or rank fails it, so Serve replaces the replica)
-and ``record_routing_stats`` (running/waiting tokens and KV usage for ``cluster.router``).
+and ``record_routing_stats`` (running/waiting tokens, KV usage and the recent mean exit layer, for
+``cluster.router``). The mean exit layer is that of the last :data:`EXIT_WINDOW_TOKENS` generated
+tokens (decoder layers run per token; the model's layer count before any token).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Union
@@ -30,6 +34,7 @@ from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestO
 from deployments.config import ServeArgs
 
 logger = logging.getLogger("ray.serve")
+EXIT_WINDOW_TOKENS = 512  # generated tokens whose exit layers make the routed "recent mean exit layer"
 
 
 @dataclass
@@ -69,6 +74,7 @@ class LLMServer:
         eng = self.engine.engine
         self.kv_capacity_tokens = eng.num_blocks * eng.block_size
         self._active: dict[str, _Active] = {}
+        self._recent_exits: collections.deque[int] = collections.deque(maxlen=EXIT_WINDOW_TOKENS)
         self.num_routing_stats_reports = 0
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -96,6 +102,7 @@ class LLMServer:
             async with contextlib.aclosing(self.engine.generate(req)) as stream:
                 async for out in stream:
                     act.num_output_tokens = out.num_output_tokens
+                    self._recent_exits.extend(out.new_exit_layers)
                     if first:
                         first = False
                         try:
@@ -117,6 +124,13 @@ class LLMServer:
                 "replica": self.replica_id}
 
     # ------------------------------------------------------------------------------ introspection
+    @property
+    def mean_exit_layer(self) -> float:
+        """Mean decoder layers run per token over the last ``EXIT_WINDOW_TOKENS`` tokens (all layers
+        before the first token)."""
+        ex = self._recent_exits
+        return sum(ex) / len(ex) if ex else float(self.num_layers)
+
     def _routing_stats(self) -> dict:
         s = self.engine.stats()
         running = [a for a in self._active.values() if a.num_output_tokens > 0]
@@ -125,13 +139,36 @@ class LLMServer:
                 "waiting_tokens": sum(a.num_prompt_tokens for a in waiting),
                 "num_running": s.get("num_running", 0), "num_waiting": s.get("num_waiting", 0),
                 "kv_usage": round(float(s.get("kv_usage", 0.0)), 3), "kv_capacity_tokens": self.kv_capacity_tokens,
+                "mean_exit_layer": round(self.mean_exit_layer, 3), "num_layers": self.num_layers,
                 "ts": time.time()}
 
     async def stats(self) -> dict:
-        """Engine statistics plus this replica's id and in-flight request count (``/metrics`` reads it)."""
+        """Engine statistics plus this replica's id, in-flight request count, recent mean exit layer,
+        process id, resident memory (``rss_bytes``), Ray node id and actor name (``/metrics`` and the benchmarks read it)."""
+        import psutil
+        import ray
+
         return {**self.engine.stats(), "replica": self.replica_id, "num_active": len(self._active),
                 "num_blocks": self.engine.engine.num_blocks,
-                "num_routing_stats_reports": self.num_routing_stats_reports}
+                "num_routing_stats_reports": self.num_routing_stats_reports,
+                "mean_exit_layer": round(self.mean_exit_layer, 3), "num_layers": self.num_layers,
+                "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "actor_name": ray.get_runtime_context().get_actor_name()}
+
+    async def placement(self) -> dict:
+        """Where this replica runs: its Ray node id and, with rank actors, the node id of each rank's
+        bundle (``rank_nodes[i]``: rank i, bundle 1 + i of the replica's placement group)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        pg = ray.util.get_current_placement_group()
+        if pg is None:  # the single rank runs in this process
+            return {"replica_node": node, "rank_nodes": [node] * self.args.tensor_parallel_size}
+        table = ray.util.placement_group_table(pg)
+        b2n = table.get("bundles_to_node_id", {})
+        return {"replica_node": node, "strategy": table.get("strategy"),
+                "rank_nodes": [b2n.get(1 + i) for i in range(self.args.tensor_parallel_size)]}
 
     async def check_integrity(self) -> dict:
         """Run the block manager's integrity check on the engine thread; returns :meth:`stats`."""

@@ -73,3 +73,6 @@ def test_replicas_report_routing_stats(server):
 
     stats = llm_handle(APP).stats.remote().result()
     assert stats["num_routing_stats_reports"] > 0  # polled by the controller for the router
+    routed = llm_handle(APP).record_routing_stats.remote().result()  # what the router reads
+    assert routed["num_layers"] == stats["num_layers"] == 6
+    assert 1 <= routed["mean_exit_layer"] <= routed["num_layers"]  # exit-aware cost (cluster.router)
