@@ -31,7 +31,8 @@ def cmd_generate(args) -> int:
     if args.no_early_exit:
         early_exit = None
     llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, early_exit=early_exit, dtype=args.dtype,
-              device=args.device, gpu_memory_utilization=args.gpu_memory_utilization, quantization=args.quantization)
+              device=args.device, gpu_memory_utilization=args.gpu_memory_utilization, quantization=args.quantization,
+              torch_compile=args.torch_compile)
     try:
         ec = llm.engine.exit_config
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
                    help="weight-only quantized linear layers and LM head")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile the decoder layers (slower start-up, faster steps)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="CUDA: fraction of the GPU's memory this engine may use (weights, activations, KV cache)")
     g.add_argument("--compact", action="store_true", help="print statistics on one line")

@@ -38,6 +38,7 @@ class ModelConfig:
     dtype: str = "float32"
     quantization: str = "none"  # weight-only: none | int8 (per output channel) | int4 (group-wise)
     quant_group_size: int = 32  # int4 group size along the input dimension (32, 64 or 128; 32 measured best)
+    torch_compile: bool = False  # torch.compile the decoder layers' dense halves (cluster.model.compile)
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
     # The HF config object itself (used for RoPE init functions); excluded from eq/hash.
@@ -53,7 +54,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf_config, dtype: str = "float32", max_model_len: Optional[int] = None,
-                       quantization: str = "none", quant_group_size: int = 32) -> "ModelConfig":
+                       quantization: str = "none", quant_group_size: int = 32,
+                       torch_compile: bool = False) -> "ModelConfig":
         """Build from a ``transformers`` ``PretrainedConfig``.
 
         Raises:
@@ -87,6 +89,7 @@ class ModelConfig:
             dtype=dtype,
             quantization=quantization,
             quant_group_size=quant_group_size,
+            torch_compile=torch_compile,
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             eos_token_ids=eos_ids,
             hf_config=hf_config,

@@ -34,6 +34,7 @@ class ServeArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantization: Literal["none", "int8", "int4"] = Field(
         "none", description="weight-only int8 / int4 linear layers and LM head")
+    torch_compile: bool = Field(False, description="torch.compile the decoder layers (slower start-up, faster steps)")
     max_model_len: Optional[int] = Field(None, ge=2)
     early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")
     exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")
@@ -156,4 +157,4 @@ class ServeArgs(BaseModel):
                     gpu_memory_utilization=self.gpu_memory_utilization,
                     enable_prefix_caching=self.enable_prefix_caching, max_num_seqs=self.max_num_seqs,
                     max_num_batched_tokens=self.max_num_batched_tokens, device=device,
-                    quantization=self.quantization)
+                    quantization=self.quantization, torch_compile=self.torch_compile)

@@ -112,8 +112,7 @@ def test_classifier_computes_logits_only_for_passing_rows(trained):
     from cluster.model.exits import ExitBatch, forward_with_exits
     from cluster.model.layers.attention import AttentionMetadata, PrefillChunk
 
-    kv = [(torch.zeros(4, 16, mc.num_kv_heads, mc.head_dim), torch.zeros(4, 16, mc.num_kv_heads, mc.head_dim))
-          for _ in range(mc.num_layers)]
+    kv = [torch.zeros(2, 4, 16, mc.num_kv_heads, mc.head_dim) for _ in range(mc.num_layers)]  # per layer K, V
     ids = torch.tensor([5, 6, 7, 8])
     meta = AttentionMetadata(torch.arange(4), 0, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                              [PrefillChunk(0, 4, 0, torch.tensor([0]))])

@@ -145,8 +145,14 @@ def _rank_model(monkeypatch, model_dir: str, rank: int, size: int):
 def test_int4_tp2_shards_equal_slices_of_tp1(tiny_model_dir, monkeypatch):
     """Each TP-2 rank quantizes its own shard; with groups of 32 (dividing every shard's input width)
     that is exactly the matching slice of the TP-1 quantized weight, for every layer and the LM head."""
-    full = _rank_model(monkeypatch, tiny_model_dir, 0, 1)
-    ranks = [_rank_model(monkeypatch, tiny_model_dir, r, 2) for r in range(2)]
+    assert_int4_tp2_shards_are_slices(tiny_model_dir, monkeypatch)
+
+
+def assert_int4_tp2_shards_are_slices(model_dir: str, monkeypatch) -> None:
+    """Every layer's int4 (LM head: int8) weight on each rank of TP 2 equals, bit for bit (dequantized
+    through the kernel), the matching rows / input columns of TP 1's."""
+    full = _rank_model(monkeypatch, model_dir, 0, 1)
+    ranks = [_rank_model(monkeypatch, model_dir, r, 2) for r in range(2)]
     monkeypatch.undo()
     deq = {name: m.quantized.dequantize() for name, m in full.named_modules() if getattr(m, "quantized", None)}
     assert len(deq) == 4 * full.config.num_layers + 1

@@ -30,24 +30,13 @@ def model_fingerprint(model_dir: str) -> str:
     Reads only small memory-mapped slices (no full load), converted to float32 so a checkpoint's
     storage dtype does not matter. Used to match shipped exit heads to a model.
     """
-    import glob
-
-    import torch
-    from safetensors import safe_open
-
-    from cluster.model.loader import load_hf_config
+    from cluster.model.loader import load_hf_config, read_tensor_rows
 
     mc = ModelConfig.from_hf_config(load_hf_config(model_dir))
     h = hashlib.sha256(json.dumps([mc.model_type, mc.vocab_size, mc.hidden_size, mc.intermediate_size,
                                    mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim]).encode())
     names = (*FINGERPRINT_TENSORS, f"model.layers.{mc.num_layers - 1}.mlp.down_proj.weight")
-    found = {}
-    for file in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                if name in f.keys() and name not in found:
-                    sl = f.get_slice(name)
-                    found[name] = (sl[:8] if len(sl.get_shape()) > 1 else sl[:]).to(torch.float32)
+    found = read_tensor_rows(model_dir, names, 8)  # safetensors or GGUF-backed: the same float32 values
     for name in names:
         if name in found:
             h.update(name.encode() + found[name].contiguous().numpy().tobytes())
@@ -116,7 +105,8 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
                   kv_cache_memory_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                   max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
                   gpu_memory_utilization: float = 0.9, debug_default_device: Optional[str] = None,
-                  quantization: str = "none", quant_group_size: int = 32, **worker_kwargs) -> LLMEngine:
+                  quantization: str = "none", quant_group_size: int = 32, torch_compile: bool = False,
+                  **worker_kwargs) -> LLMEngine:
     """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
 
     ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
@@ -128,6 +118,8 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     (weight-only, asymmetric groups of ``quant_group_size`` input features; the LM head int8) for every
     linear layer of the decoder and the LM head; each tensor-parallel rank quantizes its own shard
     after loading. Trained exit heads' small adapters and exit classifiers stay float.
+    ``torch_compile``: compile the decoder layers' dense halves with ``torch.compile``
+    (:mod:`cluster.model.compile`; start-up pays the compilation, outputs may differ in the last bits).
 
     Raises:
         FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype or quantization,
@@ -143,7 +135,8 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     dtype = resolve_dtype(dtype, device)
     model_dir = resolve_model_dir(model)
     model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len,
-                                              quantization=quantization, quant_group_size=quant_group_size)
+                                              quantization=quantization, quant_group_size=quant_group_size,
+                                              torch_compile=torch_compile)
     for what, n in (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads)):
         if n % tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size: {what} ({n}) is not divisible by {tensor_parallel_size}")

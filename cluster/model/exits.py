@@ -221,13 +221,13 @@ class ExitResult:
 
 def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids: torch.Tensor,
                        positions: torch.Tensor, meta: AttentionMetadata,
-                       kv_caches: list[tuple[torch.Tensor, torch.Tensor]], batch: ExitBatch) -> ExitResult:
+                       kv_caches: list[torch.Tensor], batch: ExitBatch) -> ExitResult:
     """Run one iteration of ``T`` flattened tokens through the decoder with early exit and KV fill.
 
     Args:
         input_ids, positions: ``[T]`` long.
         meta: paged-attention metadata (decode tokens first).
-        kv_caches: per layer ``(k_cache, v_cache)``, each ``[num_blocks, block_size, KVH_local, d]``.
+        kv_caches: per layer ``[2, num_blocks, block_size, KVH_local, d]`` (K, V).
         heads: exit heads, or None for the full model.
 
     Every tensor made here lives on ``input_ids``' device (the model's).

@@ -39,11 +39,21 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
 
-    def project_kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (rotated) and V of normed hidden states ``x: [T, hidden]`` -> ``2 x [T, KVH_local, d]``."""
-        k, v = self.qkv_proj.kv_only(x)
-        k = self.rotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), positions)
-        return k, v.view(-1, self.num_kv_heads, self.head_dim)
+    def project_kv(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """K (rotated) and V of normed hidden states ``x: [T, hidden]`` -> ``[2, T, KVH_local, d]``
+        (a view, K then V, as :func:`write_kv` takes it)."""
+        kv = self.qkv_proj.kv_proj(x).view(-1, 2, self.num_kv_heads, self.head_dim)
+        self.rotary.rotate_(kv[:, 0], *self.rotary.tables(positions, kv.dtype))
+        return kv.transpose(0, 1)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated queries and this step's K/V of normed hidden states ``x: [T, hidden]`` (``cos, sin:
+        [T, 1, d]`` from ``rotary.tables``): ``(q [T, H_local, d], kv [2, T, KVH_local, d])``, both
+        views of one fused projection (q and k rotated in place together)."""
+        qkv = self.qkv_proj(x)
+        T, H, KVH, d = qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        self.rotary.rotate_(qkv[:, : (H + KVH) * d].view(T, H + KVH, d), cos, sin)
+        return qkv[:, : H * d].view(T, H, d), qkv[:, H * d:].view(T, 2, KVH, d).transpose(0, 1)
 
 
 class LlamaMLP(nn.Module):
@@ -69,7 +79,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], compute_rows: Optional[torch.Tensor] = None,
+                kv_cache: torch.Tensor, compute_rows: Optional[torch.Tensor] = None,
                 compute_meta: Optional[AttentionMetadata] = None) -> torch.Tensor:
         """Write K/V of all ``T`` rows of ``h: [T, hidden]``; run attention + MLP on ``compute_rows``.
 
@@ -77,24 +87,30 @@ class LlamaDecoderLayer(nn.Module):
         is the KV fill from their frozen exit hidden state. Returns the new hidden states of the
         computed rows: ``[T, hidden]`` if ``compute_rows`` is None, else ``[len(compute_rows), hidden]``.
         """
-        attn = self.self_attn
-        x = self.input_layernorm(h)
-        qkv = attn.qkv_proj(x)
-        q, k, v = qkv.split([attn.qkv_proj.q_size, attn.qkv_proj.kv_size, attn.qkv_proj.kv_size], dim=-1)
-        q = attn.rotary.apply(q.view(-1, attn.num_heads, attn.head_dim), positions)
-        k = attn.rotary.apply(k.view(-1, attn.num_kv_heads, attn.head_dim), positions)
-        write_kv(kv_cache[0], kv_cache[1], k, v.view(-1, attn.num_kv_heads, attn.head_dim), meta.slot_mapping)
+        q, kv = self.attn_in(h, *self.self_attn.rotary.tables(positions, h.dtype))
+        write_kv(kv_cache, kv, meta.slot_mapping)
         if compute_rows is not None:
             h, q, meta = h[compute_rows], q[compute_rows], compute_meta
-        o = paged_attention(q, kv_cache[0], kv_cache[1], meta)
-        h = h + attn.o_proj(o.reshape(o.shape[0], -1))
+        return self.attn_out(h, paged_attention(q, kv_cache, meta))
+
+    # The two dense halves around the paged attention: pure tensor functions of dynamic ``T`` (what
+    # ``cluster.model.compile`` hands to ``torch.compile``).
+    def attn_in(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h: [T, hidden]``, RoPE tables ``cos, sin: [T, 1, d]`` -> ``(q [T, H_local, d],
+        kv [2, T, KVH_local, d])``: norm, fused qkv, RoPE."""
+        return self.self_attn.qkv(self.input_layernorm(h), cos, sin)
+
+    def attn_out(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Residual stream ``h: [n, hidden]`` and attention output ``o: [n, H_local, d]`` -> the layer's
+        output ``[n, hidden]``: o_proj (+ all-reduce), residual, norm, MLP, residual."""
+        h = h + self.self_attn.o_proj(o.reshape(o.shape[0], -1))
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def fill_kv(self, h: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """KV fill only: K/V of this layer from (exit) hidden states ``h: [T, hidden]``."""
-        k, v = self.self_attn.project_kv(self.input_layernorm(h), positions)
-        write_kv(kv_cache[0], kv_cache[1], k, v, slot_mapping)
+                kv_cache: torch.Tensor) -> None:
+        """KV fill only: K/V of this layer (``kv_cache: [2, num_blocks, block_size, KVH, d]``) from
+        (exit) hidden states ``h: [T, hidden]``."""
+        write_kv(kv_cache, self.self_attn.project_kv(self.input_layernorm(h), positions), slot_mapping)
 
 
 class LlamaModel(nn.Module):

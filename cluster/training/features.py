@@ -88,9 +88,8 @@ def full_sequence_hidden(model: LlamaForCausalLM, seqs: list[list[int]], rows: l
         keep.append(r + t)
         block, t = block + nb, t + n
     # every layer writes this step's K/V before it attends, so one cache pair serves all layers
-    kc = torch.empty(block, block_size, attn.num_kv_heads, attn.head_dim, dtype=next(model.parameters()).dtype,
+    kv = torch.empty(2, block, block_size, attn.num_kv_heads, attn.head_dim, dtype=next(model.parameters()).dtype,
                      device=dev)
-    vc = torch.empty_like(kc)
     meta = AttentionMetadata(torch.cat(slots).to(dev), 0, torch.zeros(0, 1, dtype=torch.long, device=dev),
                              torch.zeros(0, dtype=torch.long, device=dev), chunks)
     pos = torch.cat(positions).to(dev)
@@ -98,7 +97,7 @@ def full_sequence_hidden(model: LlamaForCausalLM, seqs: list[list[int]], rows: l
     h = model.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev))
     out = {}
     for i, layer in enumerate(model.model.layers):
-        h = layer(h, pos, meta, (kc, vc))
+        h = layer(h, pos, meta, kv)
         if i + 1 in want:
             out[i + 1] = h[sel].float()
     assert set(out) == want, f"layers {sorted(want - set(out))} are not in 1..{mc.num_layers}"

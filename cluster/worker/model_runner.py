@@ -120,7 +120,7 @@ class ModelRunner:
         self.block_size = block_size
         self.is_driver = is_driver
         self.kv_cache: Optional[torch.Tensor] = None
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[torch.Tensor] = []  # per layer [2, num_blocks, block_size, KVH, d] views
         self.num_blocks = 0
         if num_blocks is not None:
             self.initialize_cache(num_blocks)
@@ -153,7 +153,7 @@ class ModelRunner:
         """Allocate the KV cache (zeros: unused slots must hold finite values) on the model's device."""
         self.kv_cache = None
         self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=self.dtype, device=self.device)
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.model_config.num_layers)]
+        self.kv_caches = list(self.kv_cache.unbind(0))
         self.num_blocks = num_blocks
 
     @torch.inference_mode()
@@ -170,7 +170,7 @@ class ModelRunner:
         prefill = min(max_num_batched_tokens, max_model_len)  # a chunk never passes the context window
         nb = -(-max_model_len // bs)
         scratch = torch.zeros(self._cache_shape(nb), dtype=self.dtype, device=self.device)
-        caches = [(scratch[i, 0], scratch[i, 1]) for i in range(self.model_config.num_layers)]
+        caches = list(scratch.unbind(0))
         table = list(range(nb))
         full = SamplingParams(max_tokens=1, temperature=1.0, top_k=50, top_p=0.9)
         steps = [

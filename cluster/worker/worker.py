@@ -44,6 +44,10 @@ class Worker:
         init_tensor_parallel(rank, tp, init_method or "", parallel_config.dist_backend, device=self.device)
         self.debug_default_device = parallel_config.debug_default_device
         model = build_model(model_dir, model_config, device=self.device)
+        if model_config.torch_compile:
+            from cluster.model.compile import compile_decoder_layers
+
+            compile_decoder_layers(model)
         self.runner = ModelRunner(model, model_config, exit_config, num_blocks, block_size, is_driver=rank == 0)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:

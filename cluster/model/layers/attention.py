@@ -1,11 +1,12 @@
 """Attention over a paged KV cache (PagedAttention, Kwon et al. SOSP 2023), in plain PyTorch.
 
 Layout of one iteration's flattened tokens: ``D`` decode tokens (one per sequence) first, then the
-prefill chunks back to back. The cache of one layer is ``k_cache, v_cache: [num_blocks, block_size,
-KVH_local, d]``; a token at position ``p`` of a sequence lives in slot
-``block_table[p // block_size] * block_size + p % block_size``.
+prefill chunks back to back. The cache of one layer is one tensor ``kv_cache: [2, num_blocks,
+block_size, KVH_local, d]`` (K then V, so one index op writes or gathers both); a token at position
+``p`` of a sequence lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
 
-Decodes run as one batched SDPA call over block-table gathers (padded, masked by context length);
+Decodes run as one batched SDPA call over one block-table gather of K and V (padded, masked by
+context length; the mask is built once per iteration and shared by every layer);
 each prefill chunk runs as one causal SDPA call over its gathered prefix. Both go through
 ``torch.nn.functional.scaled_dot_product_attention`` (CPU and CUDA kernels alike), every tensor made
 here is created on the query's device, and nothing reads a device value on the host (the shapes
@@ -38,6 +39,16 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [D, max_blocks] long (padded with 0)
     decode_context_lens: torch.Tensor  # [D] long, tokens visible to each decode query (incl. itself)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    _decode_mask: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def decode_mask(self, block_size: int) -> torch.Tensor:
+        """``[D, 1, 1, max_blocks * block_size]`` bool: key slot visible to each decode query; built
+        at the first layer's call and reused by the others (one iteration, one metadata)."""
+        if self._decode_mask is None:
+            S = self.decode_block_tables.shape[1] * block_size
+            pos = torch.arange(S, device=self.decode_context_lens.device)
+            self._decode_mask = (pos < self.decode_context_lens.unsqueeze(1)).view(-1, 1, 1, S)
+        return self._decode_mask
 
     def select_decodes(self, keep: torch.Tensor, num_decodes: int) -> "AttentionMetadata":
         """Metadata for a subset of the tokens: ``keep`` (long, on the metadata's device) holds the
@@ -56,36 +67,31 @@ class AttentionMetadata:
                                  self.decode_context_lens.index_select(0, rows), prefills)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store ``k, v: [T, KVH, d]`` at their slots."""
-    kvh, d = k_cache.shape[-2:]
-    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store ``kv: [2, T, KVH, d]`` (K and V of ``T`` tokens, any strides) at their slots of the
+    layer's ``kv_cache: [2, num_blocks, block_size, KVH, d]`` (one ``index_copy_``)."""
+    kvh, d = kv_cache.shape[-2:]
+    kv_cache.view(2, -1, kvh, d).index_copy_(1, slot_mapping, kv.to(kv_cache.dtype))
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: Optional[float] = None) -> torch.Tensor:
-    """Causal attention of ``q: [T, H, d]`` over the cache (which already holds this step's K/V).
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention of ``q: [T, H, d]`` over the layer's ``kv_cache: [2, num_blocks, block_size,
+    KVH, d]`` (which already holds this step's K/V).
 
     Returns ``[T, H, d]``. Grouped-query attention: ``H`` must be a multiple of ``KVH``.
     """
-    out = torch.empty_like(q)
-    _, bs, kvh, d = k_cache.shape
+    _, _, bs, kvh, d = kv_cache.shape
     D = meta.num_decodes
+    if D and not meta.prefills:  # decode-only iteration: SDPA's output is the result
+        return _decode_attention(q, kv_cache, meta, scale)
+    out = torch.empty_like(q)
     if D:
-        bt = meta.decode_block_tables
-        S = bt.shape[1] * bs
-        k = k_cache[bt].view(D, S, kvh, d).transpose(1, 2)
-        v = v_cache[bt].view(D, S, kvh, d).transpose(1, 2)
-        mask = (torch.arange(S, device=q.device) < meta.decode_context_lens.unsqueeze(1)).view(D, 1, 1, S)
-        o = F.scaled_dot_product_attention(q[:D].unsqueeze(2), k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=True)
-        out[:D] = o.squeeze(2)
+        out[:D] = _decode_attention(q[:D], kv_cache, meta, scale)
     for p in meta.prefills:
         n, ctx = p.num_tokens, p.start_position + p.num_tokens
-        k = k_cache[p.block_table].view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
-        v = v_cache[p.block_table].view(-1, kvh, d)[:ctx].transpose(0, 1).unsqueeze(0)
+        kv = kv_cache[:, p.block_table].view(2, 1, -1, kvh, d)[:, :, :ctx].transpose(2, 3)  # [2, 1, KVH, ctx, d]
+        k, v = kv[0], kv[1]
         qc = q[p.token_start:p.token_start + n].transpose(0, 1).unsqueeze(0)
         if p.start_position == 0:
             o = F.scaled_dot_product_attention(qc, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -95,3 +101,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             o = F.scaled_dot_product_attention(qc, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[p.token_start:p.token_start + n] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: Optional[float]) -> torch.Tensor:
+    """One query per sequence, ``q: [D, H, d]`` -> ``[D, H, d]``: one gather of K and V through the
+    block tables, one SDPA call masked by context length."""
+    _, _, bs, kvh, d = kv_cache.shape
+    D, width = meta.decode_block_tables.shape
+    kv = kv_cache[:, meta.decode_block_tables].view(2, D, width * bs, kvh, d).transpose(2, 3)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[0], kv[1], attn_mask=meta.decode_mask(bs), scale=scale,
+                                       enable_gqa=True)
+    return o.squeeze(2)

@@ -129,20 +129,24 @@ class QKVParallelLinear(ColumnParallelLinear):
                      "v": (self.q_size + self.kv_size, self.kv_size)}[shard_id]
         param.data.narrow(0, offset, n).copy_(narrow(loaded, 0, self.tp_rank * n, n))
 
-    def kv_only(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V projections alone (the KV-fill path): ``[T, hidden] -> 2 x [T, KVH_local * d]``."""
+    def kv_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """K and V projections alone (the KV-fill path): ``[T, hidden] -> [T, 2 * KVH_local * d]``
+        (K columns, then V)."""
         b = None if self.bias is None else self.bias[self.q_size:]
         kv_q = self._modules.get("kv_qweight")
         if kv_q is not None:
-            kv = kv_q(x) if b is None else kv_q(x) + b
-        else:
-            kv = F.linear(x, self.weight[self.q_size:], b)
-        return kv.split([self.kv_size, self.kv_size], dim=-1)
+            return kv_q(x) if b is None else kv_q(x) + b
+        return F.linear(x, self.weight[self.q_size:], b)
 
-    def quantize_(self, method: str, group_size: int, keep_float: bool = False) -> None:
+    def kv_only(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`kv_proj` split: ``[T, hidden] -> 2 x [T, KVH_local * d]``."""
+        return self.kv_proj(x).split([self.kv_size, self.kv_size], dim=-1)
+
+    def quantize_(self, method: str, group_size: int, keep_float: bool = False, weight=None) -> None:
         """Also quantizes the K/V rows alone for :meth:`kv_only` (packed layouts cannot be row-sliced)."""
-        self.kv_qweight = QuantizedWeight.from_float(self.weight.data[self.q_size:], method, group_size)
-        super().quantize_(method, group_size, keep_float)
+        w = self.weight.data if weight is None else weight
+        self.kv_qweight = QuantizedWeight.from_float(w[self.q_size:], method, group_size)
+        super().quantize_(method, group_size, keep_float, weight)
 
 
 class RowParallelLinear(QuantizableLinear):

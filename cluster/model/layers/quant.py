@@ -14,7 +14,8 @@ caller's dtype. Every tensor-parallel rank quantizes its own shard after loading
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +39,20 @@ def int4_group_size(in_features: int, preferred: int) -> int:
     raise ValueError(f"int4 quantization needs in_features divisible by 32 (got {in_features})")
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[N, K]`` float -> (``[N, K]`` int8, ``[N]`` float32 scales), symmetric per output channel."""
+def quantize_int8(w: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, K]`` float -> (``[N, K]`` int8, ``[N]`` float32 scales), symmetric per output channel.
+
+    Computed ``chunk_rows`` rows at a time, so the float temporaries stay small (an LM head is as
+    large as the embedding); the result does not depend on the chunking.
+    """
     w = w.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i in range(0, w.shape[0], chunk_rows):
+        wc = w[i:i + chunk_rows]
+        s = scales[i:i + chunk_rows]
+        torch.div(wc.abs().amax(dim=1).clamp(min=1e-12), 127.0, out=s)
+        q[i:i + chunk_rows] = (wc / s[:, None]).round_().clamp_(-127, 127)
     return q, scales
 
 
@@ -70,6 +80,36 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return ((qg - 8.0) * scales.float()[..., None] + zeros.float()[..., None]).reshape(n, k)
 
 
+@dataclass(frozen=True)
+class Int4Weight:
+    """Group-wise int4 codes of an ``[N, K]`` matrix, ``w = (q - 8) * scale + zero`` (tinygemm's convention).
+
+    ``q``: ``[N, K]`` integers in [0, 15] (any integer dtype); ``scales``, ``zeros``: ``[N, K / g]``
+    float32, ``g`` = :attr:`group_size`. Made by :func:`quantize_int4` or read as is from a GGUF's
+    Q4_0 / Q4_1 blocks (:func:`cluster.model.gguf.int4_from_blocks`).
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def __getitem__(self, rows: slice) -> "Int4Weight":
+        """Rows ``rows`` (a slice of output features) of the matrix."""
+        return Int4Weight(self.q[rows], self.scales[rows], self.zeros[rows])
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[N, K]`` matrix."""
+        return dequantize_int4(self.q, self.scales, self.zeros, self.group_size)
+
+
 def _inner_k_tiles(k: int) -> int:
     for t in (8, 4, 2):
         if k % (16 * t) == 0:
@@ -88,35 +128,65 @@ class QuantizedWeight(nn.Module):
         self.method, self.out_features, self.in_features, self.group_size = method, out_features, in_features, group_size
 
     @classmethod
-    def from_float(cls, w: torch.Tensor, method: str, group_size: int = 32) -> "QuantizedWeight":
+    def from_float(cls, w: Union[torch.Tensor, Int4Weight], method: str, group_size: int = 32) -> "QuantizedWeight":
         """Quantize ``w: [N, K]`` (any float dtype, on its device).
+
+        ``w`` may also be an :class:`Int4Weight` (e.g. a GGUF's Q4 blocks): under ``int4`` with the
+        same group size its codes, scales and zeros are packed as they are (:meth:`from_int4`);
+        otherwise it is dequantized and quantized again.
 
         Raises:
             ValueError: unknown method, or ``K`` not divisible by 32 for int4.
         """
         n, k = w.shape
-        dev = w.device
         if method == "int8":
+            w = w.dequantize() if isinstance(w, Int4Weight) else w
             self = cls(method, n, k)
             q, scales = quantize_int8(w)
             self.register_buffer("qweight", q.contiguous())
             self.register_buffer("scales", scales.to(ACT_DTYPE))
-        elif method == "int4":
-            g = int4_group_size(k, group_size)
-            self = cls(method, n, k, g)
-            pad = -n % 16  # the packing wants N divisible by 16: zero rows, sliced off the output
-            q, scales, zeros = quantize_int4(F.pad(w, (0, 0, 0, pad)) if pad else w, g)
-            # [K/g, N, 2] (scale, zero) pairs, as the kernels take them
-            sz = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous().to(ACT_DTYPE)
-            if dev.type == "cuda":
-                packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-                packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8.contiguous(), _inner_k_tiles(k))
-            else:
-                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _inner_k_tiles(k))
-            self.register_buffer("qweight", packed)
-            self.register_buffer("scales_and_zeros", sz)
-        else:
+            return self
+        if method != "int4":
             raise ValueError(f"quantization: must be one of {QUANT_CHOICES[1:]}, got {method!r}")
+        g = int4_group_size(k, group_size)
+        if isinstance(w, Int4Weight) and w.group_size == g:
+            return cls.from_int4(w)
+        w = w.dequantize() if isinstance(w, Int4Weight) else w
+        pad = -n % 16  # the packing wants N divisible by 16: zero rows, sliced off the output
+        q, scales, zeros = quantize_int4(F.pad(w, (0, 0, 0, pad)) if pad else w, g)
+        return cls._packed_int4(n, Int4Weight(q, scales, zeros))
+
+    @classmethod
+    def from_int4(cls, w: Int4Weight) -> "QuantizedWeight":
+        """Pack int4 codes as they are (no requantization); the kernel takes scales and zeros in
+        bfloat16, so the matrix it multiplies by is ``(q - 8) * bf16(scale) + bf16(zero)``.
+
+        Raises:
+            ValueError: ``K`` not divisible by 32 or a group size the kernels lack.
+        """
+        n, k = w.shape
+        if w.group_size not in INT4_GROUP_SIZES or k % w.group_size:
+            raise ValueError(f"int4: group size {w.group_size} of a [{n}, {k}] weight is not one of {INT4_GROUP_SIZES}")
+        pad = -n % 16  # zero rows (scale 0, zero 0), sliced off the output
+        if pad:
+            w = Int4Weight(*(F.pad(t, (0, 0, 0, pad)) for t in (w.q, w.scales, w.zeros)))
+        return cls._packed_int4(n, w)
+
+    @classmethod
+    def _packed_int4(cls, n: int, w: Int4Weight) -> "QuantizedWeight":
+        """``w``: rows padded to a multiple of 16; ``n``: the real output features."""
+        k, g = w.shape[1], w.group_size
+        self = cls("int4", n, k, g)
+        q = w.q.to(torch.int32).contiguous()
+        # [K/g, N, 2] (scale, zero) pairs, as the kernels take them
+        sz = torch.stack([w.scales.t(), w.zeros.t()], dim=-1).contiguous().to(ACT_DTYPE)
+        if q.device.type == "cuda":
+            packed_u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8.contiguous(), _inner_k_tiles(k))
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, _inner_k_tiles(k))
+        self.register_buffer("qweight", packed)
+        self.register_buffer("scales_and_zeros", sz)
         return self
 
     def dequantize(self) -> torch.Tensor:
@@ -163,10 +233,12 @@ class QuantizableLinear(nn.Module):
         y = qw(x)
         return y if bias is None else y + bias
 
-    def quantize_(self, method: str, group_size: int, keep_float: bool = False) -> None:
+    def quantize_(self, method: str, group_size: int, keep_float: bool = False,
+                  weight: Optional[Int4Weight] = None) -> None:
         """Replace this rank's float weight shard by its quantized form (the float weight is dropped
-        unless ``keep_float``, e.g. an LM head tied to the embedding)."""
-        self.qweight = QuantizedWeight.from_float(self.weight.data, method, group_size)
+        unless ``keep_float``, e.g. an LM head tied to the embedding). ``weight``: this shard's
+        int4 codes to pack instead of quantizing the float weight (see :meth:`QuantizedWeight.from_float`)."""
+        self.qweight = QuantizedWeight.from_float(self.weight.data if weight is None else weight, method, group_size)
         if not keep_float:
             self.weight = None
 
@@ -175,6 +247,11 @@ class QuantizableLinear(nn.Module):
 # embedding/LM head is Q8_0), teacher-forced greedy agreement with float32 over 8 held-out prompts x 32
 # tokens: int4 layers + float head 0.992, + int8 head 0.965, + int4 head 0.883 (bench/quant.py).
 LM_HEAD_METHOD = {"int8": "int8", "int4": "int8"}
+
+
+def layer_method(module: QuantizableLinear, method: str) -> str:
+    """The method ``module`` gets under the model's ``method``: :data:`LM_HEAD_METHOD` for the LM head."""
+    return LM_HEAD_METHOD[method] if module.is_lm_head else method
 
 
 def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> nn.Module:
@@ -189,5 +266,5 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32) -> nn.Mo
         raise ValueError(f"quantization: must be one of {QUANT_CHOICES}, got {method!r}")
     for module in list(model.modules()):
         if isinstance(module, QuantizableLinear) and module.quantized is None:
-            module.quantize_(LM_HEAD_METHOD[method] if module.is_lm_head else method, group_size)
+            module.quantize_(layer_method(module, method), group_size)
     return model
