@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from bench.common import load_prompts, print_table, save
+from bench.weights import weight_bytes_per_token
 from cluster import LLM, ExitConfig, SamplingParams
 
 
@@ -201,31 +202,6 @@ def read_bandwidth_gbps(gib: float = 1.0) -> float:
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
-
-
-def _bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-def weight_bytes_per_token(model, heads, mean_exit_layer: float) -> float:
-    """Weight bytes one batch-1 token reads: layers run + K/V projections of skipped layers (KV
-    fill) + the final norm/LM head + the exit checks made (every exit layer below the mean exit
-    layer, plus the exit itself), sized from the loaded ``heads`` (:class:`ExitHeads`, None: full)."""
-    layers = model.model.layers
-    per_layer = _bytes(layers[0])
-    kv = _bytes(layers[0].self_attn.qkv_proj)
-    kv = kv * 2 * model.config.num_kv_heads / (model.config.num_heads + 2 * model.config.num_kv_heads)
-    lm = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    L = len(layers)
-    total = mean_exit_layer * per_layer + (L - mean_exit_layer) * kv + lm
-    if heads is not None:
-        checks = sum(1 for l in heads.cfg.exit_layers if l < mean_exit_layer) + 1
-        adapter = _bytes(next(iter(heads.heads.values()))) if len(heads.heads) else 0
-        if len(heads.classifiers):  # cheap checks; the adapter runs once, for the exit
-            total += checks * _bytes(next(iter(heads.classifiers.values()))) + adapter
-        else:  # every check computes the exit's full-vocabulary logits
-            total += checks * (adapter + lm)
-    return total
 
 
 # ------------------------------------------------------------------------------------------- main

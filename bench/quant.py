@@ -17,12 +17,14 @@ float32 full model) and the mean exit layer. Also the weight bytes each model ho
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
+from typing import Optional
 
 import torch
 
-from bench.common import print_table, save
+from bench.common import interleaved_best, print_table, save
 from bench.offline import free_agreement, held_out_prompts, own_exit_config, run_engine
+from bench.weights import held_bytes
 from cluster import LLM
 from cluster.model.loader import resolve_model_dir
 
@@ -47,13 +49,50 @@ def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]]) ->
     return {"agreement_tf": same / total, "nll": nll / total}
 
 
-def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in itertools.chain(model.parameters(), (b for n, b in model.named_buffers() if "qweight" in n)):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
+def make_variants(model, quantizations, early_exit: bool = True, **kw) -> dict:
+    """One :class:`LLM` per ``(quantization, mode)``: mode ``full`` (no exits) and, with
+    ``early_exit``, ``ee`` (the model's own exit config)."""
+    variants = {}
+    for q in quantizations:
+        variants[(q, "full")] = LLM(model, early_exit=None, quantization=q, **kw)
+        if early_exit:
+            variants[(q, "ee")] = LLM(model, quantization=q, **kw)
+    return variants
+
+
+def time_variants(variants: dict, prompts: list[list[int]], batch: int, max_tokens: int, rounds: int,
+                  extra: Optional[dict] = None) -> dict:
+    """Best-of-``rounds`` :func:`run_engine` result of each variant, interleaved with the ``extra``
+    runs (key -> ``run(prompts, batch, max_tokens)`` returning the same tuple, e.g. :mod:`bench.peers`)."""
+    runs = {key: functools.partial(run_engine, llm, prompts, batch, max_tokens) for key, llm in variants.items()}
+    runs.update({key: functools.partial(run, prompts, batch, max_tokens) for key, run in (extra or {}).items()})
+    return interleaved_best(runs, rounds)
+
+
+def token_ids(outs) -> list[list[int]]:
+    """Generated token ids of each output (:class:`CompletionOutput` or a plain id list)."""
+    return [list(getattr(o, "token_ids", o)) for o in outs]
+
+
+def speed_rows(best: dict, batch: int, ref: list[list[int]]) -> list[dict]:
+    """Rows of the ``(quantization, mode)`` keys of ``best``: tokens/s, ratios to the float32 variant
+    of the same mode and to the float32 full model, mean exit layer, free-running agreement with ``ref``."""
+    rows = []
+    base = {mode: best[("none", mode)][1] for mode in ("full", "ee") if ("none", mode) in best}
+    for key, (outs, tps, mean_layer, _) in best.items():
+        if not (isinstance(key, tuple) and len(key) == 2):
+            continue
+        q, mode = key
+        row = {"quantization": q, "mode": mode, "batch": batch, "tokens_per_s": round(tps, 2),
+               "mean_exit_layer": round(mean_layer, 2),
+               "agreement_free": round(free_agreement(token_ids(outs), ref), 4)}
+        if mode in base:
+            row["speedup_vs_none"] = round(tps / base[mode], 3)
+        if ("none", "full") in best:
+            row["speedup_vs_float_full"] = round(tps / best[("none", "full")][1], 3)
+        rows.append(row)
+        print(f"  batch {batch:3d} {q:5s} {mode:4s} {tps:8.2f} tok/s  mean exit layer {mean_layer:5.2f}", flush=True)
+    return rows
 
 
 def main(argv=None):
@@ -73,11 +112,7 @@ def main(argv=None):
     kw = dict(dtype="float32", enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20)
     if args.group_size:
         kw["quant_group_size"] = args.group_size
-    variants = {}
-    for q in args.quantization:
-        variants[(q, "full")] = LLM(args.model, early_exit=None, quantization=q, **kw)
-        if not args.no_early_exit:
-            variants[(q, "ee")] = LLM(args.model, quantization=q, **kw)
+    variants = make_variants(args.model, args.quantization, not args.no_early_exit, **kw)
     ref_llm = variants.get(("none", "full")) or LLM(args.model, early_exit=None, **kw)
     L = ref_llm.engine.model_config.num_layers
     ec, _ = own_exit_config(resolve_model_dir(args.model), L)
@@ -97,31 +132,15 @@ def main(argv=None):
         model = runner(llm).model
         st = teacher_forced(model, qp, answers)
         quality.append({"quantization": q, "agreement_tf": round(st["agreement_tf"], 4), "nll": round(st["nll"], 4),
-                        "weight_MB": round(weight_bytes(model) / 1e6, 1)})
+                        "weight_MB": round(held_bytes(model) / 1e6, 1)})
         print(f"  quality {q:5s} agreement_tf {st['agreement_tf']:.4f}  nll {st['nll']:.4f}", flush=True)
 
     # ---- speed: interleaved rounds
     rows = []
     for batch in args.batch_sizes:
         prompts = chat(args.batch1_prompts if batch == 1 else batch)
-        ref = [o.token_ids for o in run_engine(ref_llm, prompts, batch, args.max_tokens)[0]]
-        best = {}
-        for _ in range(args.repeats):
-            for key, llm in variants.items():
-                res = run_engine(llm, prompts, batch, args.max_tokens)
-                if key not in best or res[1] > best[key][1]:
-                    best[key] = res
-        base = {mode: best[("none", mode)][1] for mode in ("full", "ee") if ("none", mode) in best}
-        for (q, mode), (outs, tps, mean_layer, _) in best.items():
-            row = {"quantization": q, "mode": mode, "batch": batch, "tokens_per_s": round(tps, 2),
-                   "mean_exit_layer": round(mean_layer, 2),
-                   "agreement_free": round(free_agreement([o.token_ids for o in outs], ref), 4)}
-            if mode in base:
-                row["speedup_vs_none"] = round(tps / base[mode], 3)
-            if ("none", "full") in best:
-                row["speedup_vs_float_full"] = round(tps / best[("none", "full")][1], 3)
-            rows.append(row)
-            print(f"  batch {batch:3d} {q:5s} {mode:4s} {tps:8.2f} tok/s  mean exit layer {mean_layer:5.2f}", flush=True)
+        ref = token_ids(run_engine(ref_llm, prompts, batch, args.max_tokens)[0])
+        rows += speed_rows(time_variants(variants, prompts, batch, args.max_tokens, args.repeats), batch, ref)
     print("quality (full model, teacher-forced along float32 greedy answers):")
     print_table(quality, ["quantization", "agreement_tf", "nll", "weight_MB"])
     print("speed:")

@@ -24,8 +24,10 @@ Metrics follow vLLM's definitions; times in milliseconds, p50 and p99 over the c
 * Mean exit layer (1-based, ``num_layers`` = full model) from the ``early_exit`` statistics our
   server adds to the final streamed chunk (token-weighted over all requests of the run).
 
-Greedy decoding (``--temperature 0``) and a fixed ``--max-tokens``; the OpenAI API has no way to
-ignore EOS, so the actual output token counts are reported. Each run's prompts begin with a short
+Greedy decoding (``--temperature 0``) and a fixed ``--max-tokens``; the actual output token counts
+are reported. ``--ignore-eos`` makes every request run to ``--max-tokens``: our server's (and
+vLLM's) ``ignore_eos`` request field, for llama-cpp-python's server a ``logit_bias`` of -100 on each
+end-of-generation token of its vocabulary. Each run's prompts begin with a short
 run tag so that no run reuses the prefix-cached prompt blocks of an earlier run (cached prompt tokens
 are reported anyway).
 
@@ -37,11 +39,23 @@ or, with no ``--base-url``, a local Ray instance (``--ray-cpus`` CPUs) is starte
 in-process (``deployments.testing.deploy``), and both shut down at the end::
 
     python -m bench.serving --num-prompts 24 --request-rates 1 4 --max-tokens 48
+
+Peers in the same run, as a third variant alternating with ours on the same prompts and arrival
+times: ``--peer llama-cpp`` starts llama-cpp-python's OpenAI server on the same GGUF
+(:func:`bench.peers.llama_cpp_server`, the machine's cores as threads; ``pip install -e ".[peers]"``);
+``--peer-url URL`` targets any other OpenAI-compatible server. llama-cpp-python's server sends no
+``usage`` in streams: a request that ends with ``finish_reason="length"`` then counts ``--max-tokens``
+output tokens, any other one its content chunks (one token each). 16 concurrent streams, int4 against
+llama.cpp's Q4_1::
+
+    python -m bench.serving --peer llama-cpp --quantization int4 --num-prompts 16 --request-rates inf \
+        --max-tokens 64 --ignore-eos --name serving-peers
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -70,6 +84,8 @@ class RequestResult:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     early_exit: Optional[dict] = None
+    chunks: int = 0  # content chunks received
+    finish_reason: Optional[str] = None
 
 
 async def send_request(client, model: str, prompt: str, max_tokens: int, temperature: float,
@@ -84,7 +100,10 @@ async def send_request(client, model: str, prompt: str, max_tokens: int, tempera
             temperature=temperature, stream=True, stream_options={"include_usage": True}, extra_body=extra_body)
         async for chunk in stream:
             ts = time.perf_counter()
+            if chunk.choices and chunk.choices[0].finish_reason:
+                res.finish_reason = chunk.choices[0].finish_reason
             if chunk.choices and chunk.choices[0].delta.content:
+                res.chunks += 1
                 if res.ttft == 0.0:
                     res.ttft = ts - st
                 else:
@@ -97,6 +116,8 @@ async def send_request(client, model: str, prompt: str, max_tokens: int, tempera
                 res.cached_tokens = (details.cached_tokens or 0) if details is not None else 0
                 res.early_exit = (chunk.model_extra or {}).get("early_exit")
         res.latency = time.perf_counter() - st
+        if res.output_tokens == 0:  # no usage in the stream (llama-cpp-python's server)
+            res.output_tokens = max_tokens if res.finish_reason == "length" else res.chunks
         res.ok = res.ttft > 0.0 and res.output_tokens > 0
         if not res.ok:
             res.error = "no content or no usage in the stream"
@@ -180,7 +201,7 @@ def launch_server(args) -> str:
 
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=args.verbose,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    serve_args = {"model": args.model, "dtype": args.dtype}
+    serve_args = {"model": args.model, "dtype": args.dtype, "quantization": args.quantization}
     if args.torch_threads:
         serve_args["torch_threads"] = args.torch_threads
     print(f"deploying {serve_args} on a local Ray instance ...", flush=True)
@@ -201,23 +222,39 @@ def shutdown_server() -> None:
 
 
 # --------------------------------------------------------------------------------------- main
-def variants(threshold: Optional[float]) -> dict[str, Optional[dict]]:
-    return {"ee-off": {"early_exit": False},
-            "ee-on": None if threshold is None else {"early_exit": {"threshold": threshold}}}
+def variants(args, base_url: str, peers: dict[str, str]) -> dict[str, tuple[str, Optional[dict]]]:
+    """Variant name -> (base URL, extra request body): ours with early exit off and on, then each
+    peer (``llama-cpp``: greedy without llama.cpp's default repeat penalty)."""
+    ours = {"ignore_eos": True} if args.ignore_eos else {}
+    on = {} if args.threshold is None else {"early_exit": {"threshold": args.threshold}}
+    vs = {"ee-off": (base_url, {"early_exit": False, **ours}), "ee-on": (base_url, {**on, **ours} or None)}
+    for name, url in peers.items():
+        if name == "llama-cpp":
+            body = {"repeat_penalty": 1.0}
+            if args.ignore_eos:
+                body["logit_bias"] = {str(t): -100.0 for t in args.peer_eog_ids}
+        else:
+            body = {"ignore_eos": True} if args.ignore_eos else None
+        vs[name] = (url, body)
+    return vs
 
 
-async def benchmark(args, base_url: str) -> tuple[str, list[dict]]:
+async def benchmark(args, vs: dict[str, tuple[str, Optional[dict]]]) -> tuple[str, list[dict]]:
+    """Run every variant of ``vs`` (name -> (base URL, extra body)) at each request rate, the order
+    alternating from one rate to the next; returns our served model's name and the rows."""
     import httpx
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=base_url, api_key=args.api_key, max_retries=0,
-                         timeout=httpx.Timeout(args.request_timeout, connect=30.0))
+    clients, models = {}, {}
     try:
-        model = (await client.models.list()).data[0].id
+        for url in dict.fromkeys(url for url, _ in vs.values()):
+            clients[url] = AsyncOpenAI(base_url=url, api_key=args.api_key, max_retries=0,
+                                       timeout=httpx.Timeout(args.request_timeout, connect=30.0))
+            models[url] = (await clients[url].models.list()).data[0].id
         prompts = load_prompts(args.num_prompts, args.prompt_offset)
-        vs = variants(args.threshold)
-        for name, body in vs.items():  # warm-up, untimed
-            r = await send_request(client, model, f"[warm-up {name}] Say hello.", 4, args.temperature, body)
+        for name, (url, body) in vs.items():  # warm-up, untimed
+            r = await send_request(clients[url], models[url], f"[warm-up {name}] Say hello.", 4, args.temperature,
+                                   body)
             if not r.ok:
                 raise RuntimeError(f"warm-up request ({name}) failed: {r.error}")
         rows, run = [], 0
@@ -225,9 +262,10 @@ async def benchmark(args, base_url: str) -> tuple[str, list[dict]]:
             order = list(vs) if k % 2 == 0 else list(vs)[::-1]
             for name in order:
                 run += 1
+                url, body = vs[name]
                 tagged = [f"[run {run}] {p}" for p in prompts] if args.tag_prompts else prompts
-                results, duration = await run_load(client, model, tagged, rate, args.seed, args.max_tokens,
-                                                   args.temperature, vs[name], args.max_concurrency,
+                results, duration = await run_load(clients[url], models[url], tagged, rate, args.seed,
+                                                   args.max_tokens, args.temperature, body, args.max_concurrency,
                                                    desc=f"rate {rate:g} {name}")
                 row = {"rate": "inf" if math.isinf(rate) else rate, "variant": name, "order": run,
                        **summarize(results, duration)}
@@ -239,9 +277,10 @@ async def benchmark(args, base_url: str) -> tuple[str, list[dict]]:
                 if r["rate"] == off["rate"]:
                     r["tpot_speedup"] = (round(off["tpot_p50"] / r["tpot_p50"], 3)
                                          if off["tpot_p50"] and r["tpot_p50"] else None)
-        return model, rows
+        return models[vs["ee-off"][0]], rows
     finally:
-        await client.close()
+        for c in clients.values():
+            await c.close()
 
 
 def main(argv=None):
@@ -263,10 +302,18 @@ def main(argv=None):
     ap.add_argument("--no-tag-prompts", dest="tag_prompts", action="store_false",
                     help="send the prompts unchanged (runs after the first may then hit the prefix cache)")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    ap.add_argument("--ignore-eos", action="store_true", help="every request runs to --max-tokens")
+    ap.add_argument("--peer", choices=["llama-cpp"], action="append", default=[],
+                    help="start a peer server on the same model and add it as a variant (llama-cpp: "
+                         "llama-cpp-python's server on the GGUF, pip install -e '.[peers]')")
+    ap.add_argument("--peer-url", default=None, help="another OpenAI-compatible server, variant 'peer'")
+    ap.add_argument("--peer-threads", type=int, default=None, help="(--peer) threads; default: the cores")
+    ap.add_argument("--peer-log", default=None, help="(--peer) file for the peer server's output")
     ap.add_argument("--name", default="serving", help="results file bench/results/<name>.json")
     # --launch only
     ap.add_argument("--model", default=None, help="(--launch) model path; default: SmolLM2-135M-Instruct")
     ap.add_argument("--dtype", default="float32", help="(--launch)")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="(--launch)")
     ap.add_argument("--torch-threads", type=int, default=None, help="(--launch) torch threads of the replica")
     ap.add_argument("--ray-cpus", type=int, default=4, help="(--launch) num_cpus of the local Ray instance")
     ap.add_argument("--app-name", default="bench", help="(--launch) Serve application name / route prefix")
@@ -276,21 +323,51 @@ def main(argv=None):
         ap.error("--launch and --base-url are exclusive")
     launch = args.base_url is None
 
-    base_url = launch_server(args) if launch else args.base_url.rstrip("/")
-    try:
-        model, rows = asyncio.run(benchmark(args, base_url))
-    finally:
+    with contextlib.ExitStack() as stack:
+        peers = {"peer": args.peer_url.rstrip("/")} if args.peer_url else {}
+        if "llama-cpp" in args.peer:
+            from bench.peers import eog_token_ids, gguf_path, llama_cpp_server
+
+            gguf = gguf_path(args.model)
+            if gguf is None:
+                ap.error("--peer llama-cpp needs a GGUF model (--model <file.gguf>, or the default model)")
+            args.peer_eog_ids = eog_token_ids(gguf)
+            peers["llama-cpp"] = stack.enter_context(llama_cpp_server(gguf, args.peer_threads, log_path=args.peer_log))
+            print(f"llama-cpp-python server on {gguf} at {peers['llama-cpp']}", flush=True)
+        base_url = launch_server(args) if launch else args.base_url.rstrip("/")
         if launch:
-            shutdown_server()
+            stack.callback(shutdown_server)
+        vs = variants(args, base_url, peers)
+        model, rows = asyncio.run(benchmark(args, vs))
     print_table(rows, COLS)
     num_layers = next((r["num_layers"] for r in rows if r["num_layers"]), None)
-    path = save(args.name, {"args": {**vars(args), "request_rates": [str(r) for r in args.request_rates]},
-                            "base_url": None if launch else base_url, "model": model, "num_layers": num_layers,
-                            "units": {"ttft/tpot/itl/e2el": "ms", "req_per_s": "requests/s",
-                                      "out_tok_per_s": "output tokens/s"},
-                            "rows": rows})
+    ratios = peer_ratios(rows, peers)
+    if ratios:
+        print_table(ratios, list(ratios[0]))
+    payload = {"args": {**vars(args), "request_rates": [str(r) for r in args.request_rates]},
+               "base_url": None if launch else base_url, "model": model, "num_layers": num_layers,
+               "peers": peers, "units": {"ttft/tpot/itl/e2el": "ms", "req_per_s": "requests/s",
+                                         "out_tok_per_s": "output tokens/s"},
+               "rows": rows, "peer_ratios": ratios}
+    path = save(args.name, payload)
     print(f"saved {path}")
+    return payload
 
+
+def peer_ratios(rows: list[dict], peers: dict[str, str]) -> list[dict]:
+    """At each rate, each of our variants against each peer: output tok/s ratio and TPOT p50 ratio
+    (peer / ours: > 1 means ours is faster on both)."""
+    out = []
+    for peer in peers:
+        for p in (r for r in rows if r["variant"] == peer):
+            for r in rows:
+                if r["rate"] == p["rate"] and r["variant"] in ("ee-off", "ee-on"):
+                    out.append({"rate": r["rate"], "variant": r["variant"], "peer": peer,
+                                "tok_per_s_ratio": (round(r["out_tok_per_s"] / p["out_tok_per_s"], 3)
+                                                    if p["out_tok_per_s"] else None),
+                                "tpot_p50_ratio": (round(p["tpot_p50"] / r["tpot_p50"], 3)
+                                                   if p["tpot_p50"] and r["tpot_p50"] else None)})
+    return out
 
 if __name__ == "__main__":
     main()

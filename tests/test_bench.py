@@ -42,3 +42,50 @@ def test_plots_from_saved_results(tmp_path):
     plot_exit_histogram({"ee@1": {"2": 3, "6": 5}, "full@1": {"6": 8}}, 6, tmp_path / "hist.png")
     for name in ("sweep.png", "hist.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(300)
+def test_speed_bench_quick_writes_every_variant_fit_and_target(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EESERVE_BENCH_RESULTS", str(tmp_path))
+    import importlib
+
+    import bench.common
+    import bench.speed
+
+    importlib.reload(bench.common)
+    importlib.reload(bench.speed)
+    bench.speed.main(["--model", tiny_model_dir, "--quick", "--name", "tiny-speed"])
+    data = json.loads((tmp_path / "tiny-speed.json").read_text())
+    L = data["num_layers"]
+    rows = {(r["engine"], r["quantization"], r["mode"], r["batch"]): r for r in data["rows"]}
+    for q in ("none", "int8", "int4"):
+        for mode in ("full", "ee"):
+            for b in (1, 4):
+                r = rows[("eeserve", q, mode, b)]
+                assert r["tokens_per_s"] > 0 and 1 <= r["mean_exit_layer"] <= L
+    # transformers generate on the same float32 weights, greedy: the same tokens as our float32 full model
+    for b in (1, 4):
+        assert rows[("transformers", "none", "full", b)]["tokens_per_s"] > 0
+    assert rows[("transformers", "none", "full", 1)]["agreement_free"] == 1.0
+    # weight bytes per token come from the loaded models: packed int4 < int8 < float32
+    mb = {q: rows[("eeserve", q, "full", 1)]["weight_MB_per_token"] for q in ("none", "int8", "int4")}
+    assert mb["int4"] < mb["int8"] < mb["none"]
+    assert mb["none"] == rows[("transformers", "none", "full", 1)]["weight_MB_per_token"]
+    assert data["read_bandwidth_GBps"] > 0 and all(0 < rows[("eeserve", q, "full", 1)]["bw_fraction"] for q in mb)
+    # the per-step overhead fit: every quantization at 2 layers and the full depth
+    assert [f["quantization"] for f in data["overhead"]] == ["none", "int8", "int4"]
+    for f in data["overhead"]:
+        assert f["step_ms@2"] > 0 and f[f"step_ms@{L}"] > 0 and "fixed_ms" in f and "per_layer_ms" in f
+    results = {t["target"]: t["result"] for t in data["targets"]}
+    assert {"pass", "miss"} >= {v for k, v in results.items() if not k.startswith("HTTP")}
+    assert any(k.startswith("fixed per-step overhead, int4") for k in results)
+    # the tiny model has no GGUF: llama-cpp-python is skipped with a note, installed or not
+    assert any("llama-cpp-python skipped" in n for n in data["notes"])
+
+
+def test_overhead_fit_recovers_a_line():
+    from bench.speed import fit_overhead
+
+    f = fit_overhead({2: 3.0 + 2 * 0.5, 8: 3.0 + 8 * 0.5, 30: 3.0 + 30 * 0.5})
+    assert f["fixed_ms"] == pytest.approx(3.0) and f["per_layer_ms"] == pytest.approx(0.5)
+    assert f["max_residual_ms"] == pytest.approx(0.0, abs=1e-6)

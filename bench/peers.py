@@ -1,0 +1,189 @@
+"""Peers of eeserve for side-by-side benchmarks: llama-cpp-python on the same GGUF and Hugging Face
+transformers ``generate`` on the same float32 weights.
+
+Every peer run has the interface of :func:`bench.offline.run_engine`:
+``run(prompt_ids, batch, max_tokens) -> (outputs, tokens_per_s, mean_exit_layer, exit_layer_counts)``
+with ``outputs`` a list of generated token-id lists, greedy, EOS ignored (every prompt gets
+``max_tokens`` tokens), prefill included in the wall time, one warm-up call first; peers always run
+the full model (``mean_exit_layer`` = the layer count, no counts).
+
+llama-cpp-python is an optional extra (``pip install -e ".[peers]"``, it compiles llama.cpp);
+:func:`llama_cpp_available` says whether it is installed. :func:`llama_cpp_server` starts its
+OpenAI-compatible server (``python -m llama_cpp.server``) for the concurrent HTTP comparison in
+:mod:`bench.serving` (``--peer llama-cpp``).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from bench.offline import load_hf, run_hf
+
+
+def llama_cpp_available() -> bool:
+    """Whether llama-cpp-python (module ``llama_cpp``) is installed."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_path(model: Optional[str]) -> Optional[str]:
+    """The GGUF file behind ``model`` (None: the default model's; a directory holding exactly one
+    ``*.gguf``), or None when ``model`` is a safetensors directory without one."""
+    from cluster.model.loader import default_model_path
+
+    path = Path(model) if model else Path(default_model_path())
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        return str(ggufs[0]) if len(ggufs) == 1 else None
+    return str(path) if path.suffix == ".gguf" else None
+
+
+def default_threads() -> int:
+    """Threads a peer uses: the machine's cores (``os.cpu_count()``)."""
+    return os.cpu_count() or 1
+
+
+class LlamaCppRun:
+    """llama-cpp-python (``llama_cpp.Llama``) on a GGUF file at batch 1.
+
+    Greedy (``temp=0``, no repeat penalty), EOS ignored: :meth:`Llama.generate` yields tokens until
+    the caller stops (the EOS stop lives in ``create_completion``), so each prompt gets exactly
+    ``max_tokens`` tokens. The model state is reset before every prompt, so no prompt reuses an
+    earlier prompt's KV cache (eeserve runs with prefix caching off in the same benchmarks).
+
+    Raises:
+        ImportError: llama-cpp-python is not installed (``pip install -e ".[peers]"``).
+    """
+
+    def __init__(self, path: str, n_threads: Optional[int] = None, n_ctx: int = 2048):
+        from llama_cpp import Llama, llama_model_n_layer
+
+        n = n_threads or default_threads()
+        self.path = path
+        self.llm = Llama(model_path=path, n_threads=n, n_threads_batch=n, n_ctx=n_ctx, n_batch=512, seed=0,
+                         verbose=False)
+        self.num_layers = int(llama_model_n_layer(self.llm.model))
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        """``max_tokens`` greedy token ids after ``prompt_ids``."""
+        self.llm.reset()
+        out: list[int] = []
+        if max_tokens <= 0:
+            return out
+        for tok in self.llm.generate(prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            out.append(int(tok))
+            if len(out) >= max_tokens:
+                break
+        return out
+
+    def __call__(self, prompt_ids: list[list[int]], batch: int, max_tokens: int):
+        """Time every prompt one after the other; ``batch`` must be 1 (llama-cpp-python's ``Llama``
+        decodes one sequence).
+
+        Raises:
+            ValueError: ``batch != 1``.
+        """
+        if batch != 1:
+            raise ValueError(f"llama-cpp-python runs batch 1 only, got batch {batch}")
+        self.generate(prompt_ids[0], 2)  # warm-up
+        t0 = time.perf_counter()
+        outs = [self.generate(p, max_tokens) for p in prompt_ids]
+        dt = time.perf_counter() - t0
+        return outs, sum(map(len, outs)) / dt, float(self.num_layers), None
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class HFGenerate:
+    """Hugging Face transformers ``generate`` (greedy, left padding, ``min_new_tokens =
+    max_new_tokens`` so EOS never ends a row early: transformers bans EOS until then, so past the
+    point where the model would end, its tokens differ from an EOS-ignoring run's), any batch size,
+    on ``model``: a GGUF file
+    (None: the default model's), dequantized to ``dtype`` by transformers, or a safetensors directory."""
+
+    def __init__(self, model: Optional[str], dtype: str = "float32"):
+        gguf = gguf_path(model)
+        if gguf is not None:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(Path(gguf).parent), gguf_file=Path(gguf).name, dtype=getattr(torch, dtype)).eval()
+        else:
+            self.model = load_hf(model, dtype)
+        self.num_layers = int(self.model.config.num_hidden_layers)
+
+    def __call__(self, prompt_ids: list[list[int]], batch: int, max_tokens: int):
+        outs, tps = run_hf(self.model, prompt_ids, batch, max_tokens)
+        return outs, tps, float(self.num_layers), None
+
+
+# ------------------------------------------------------------------------------------------ server
+def eog_token_ids(path: str) -> list[int]:
+    """Every token id that ends generation in llama.cpp for the GGUF at ``path`` (EOS, EOT, ...),
+    read from its vocabulary (``llama_vocab_is_eog``); biased to -100 to make its server ignore EOS."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    finally:
+        llm.close()
+
+
+@contextlib.contextmanager
+def llama_cpp_server(path: str, n_threads: Optional[int] = None, n_ctx: int = 4096, timeout_s: float = 180.0,
+                     log_path: Optional[str] = None) -> Iterator[str]:
+    """Run ``python -m llama_cpp.server --model <path>`` on a free local port for the ``with`` block;
+    yields its OpenAI base URL (``http://127.0.0.1:<port>/v1``) once ``/v1/models`` answers, and
+    terminates the process (only this one) on exit. It serves one request at a time: concurrent ones
+    wait for a lock (``--interrupt_requests False``), and each reuses the longest prompt prefix of
+    the one before it. Its output goes to ``log_path`` (default: dropped).
+
+    Raises:
+        RuntimeError: the server exited or did not answer within ``timeout_s`` seconds.
+    """
+    import httpx
+
+    from deployments.testing import free_port
+
+    n = n_threads or default_threads()
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
+           "--n_threads", str(n), "--n_threads_batch", str(n), "--n_ctx", str(n_ctx),
+           "--interrupt_requests", "False"]  # queue concurrent requests (the default cancels the running one)
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {proc.returncode} (command: {' '.join(cmd)})")
+            try:
+                if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"llama_cpp.server did not answer within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
+
