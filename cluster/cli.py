@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    g.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
-                   help="weight-only quantized linear layers and LM head")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantized linear layers and LM head (auto: int4 for a Q4 GGUF such as the "
+                        "default model on the CPU, else none)")
     g.add_argument("--torch-compile", action="store_true",
                    help="torch.compile the decoder layers (slower start-up, faster steps)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,

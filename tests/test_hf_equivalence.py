@@ -13,10 +13,10 @@ PROMPTS = [
 ]
 
 
-def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def hf_greedy(model_dir: str, prompt_ids: list[list[int]], max_new_tokens: int, gguf_file=None) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, gguf_file=gguf_file).eval()
     outs = []
     for ids in prompt_ids:
         x = torch.tensor([ids])
@@ -61,5 +61,12 @@ def test_tiny_random_matches_hf(tiny_factory, variant):
 
 @pytest.mark.slow
 def test_default_model_matches_hf(default_model_dir):
+    """Float weights on both sides (quantization none; transformers dequantizes the same GGUF)."""
+    import os
+
+    from cluster.model.loader import default_model_path
+
+    gguf = default_model_path()
     ids = _ids(default_model_dir)
-    assert ours_greedy(default_model_dir, ids, 32) == hf_greedy(default_model_dir, ids, 32)
+    assert ours_greedy(default_model_dir, ids, 32, quantization="none") == \
+        hf_greedy(os.path.dirname(gguf), ids, 32, gguf_file=os.path.basename(gguf))

@@ -13,11 +13,11 @@ MESSAGES = [[{"role": "user", "content": "Write one sentence about the sea."}],
 SMALL = {"replica_num_cpus": 0.05, "num_cpus_per_rank": 0.05, "ingress_num_cpus": 0.05}
 
 
-def reference(model_dir, max_tokens: int) -> dict[bool, list[str]]:
+def reference(model_dir, max_tokens: int, quantization: str = "auto") -> dict[bool, list[str]]:
     """Greedy replies of the in-process engine at tensor_parallel_size 1, early exit off and on."""
     from cluster import LLM, SamplingParams
 
-    llm = LLM(model_dir)
+    llm = LLM(model_dir, quantization=quantization)
     try:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
         out = {}
@@ -85,10 +85,12 @@ def test_tp3_default_model_equals_tp1(ray_session, default_model_dir):
 
     from deployments.testing import deploy, llm_handle
 
-    url = deploy({"tensor_parallel_size": 3, **SMALL}, "tp3")
+    # float weights: the int4 / int8 kernels round each rank's partial sums to bfloat16 before the
+    # all-reduce, so quantized TP 3 is close to TP 1 but not bit-equal (tests/test_quant.py bounds it)
+    url = deploy({"tensor_parallel_size": 3, "quantization": "none", **SMALL}, "tp3")
     try:
         assert len(llm_handle("tp3").rank_actors.remote().result()) == 3
-        want = reference(default_model_dir, 8)
+        want = reference(default_model_dir, 8, quantization="none")
         for early_exit in (False, True):
             got, _ = served(url, 8, early_exit, "SmolLM2-135M-Instruct")
             assert got == want[early_exit], f"early_exit={early_exit}"

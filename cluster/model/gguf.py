@@ -213,3 +213,24 @@ def int4_from_blocks(blocks: torch.Tensor, qtype: int) -> Int4Weight:
         zeros, qs = torch.zeros_like(d), blocks[..., 2:]
     q = torch.cat([qs & 0x0F, qs >> 4], dim=-1)  # [N, G, 32]
     return Int4Weight(q.reshape(n, g * BLOCK), d, zeros)
+
+
+def checkpoint_quantization(model_dir: str) -> str:
+    """The weight-only quantization that keeps a GGUF-backed model's own precision: ``int4`` when every
+    decoder projection is stored in 4 bits or fewer (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K, IQ*), ``int8`` when
+    every one fits 8 bits (Q5*, Q6_K, Q8*), ``none`` for float checkpoints (safetensors, F32/F16/BF16)
+    and anything else. What ``quantization="auto"`` picks on the CPU."""
+    if not is_gguf_dir(model_dir):
+        return "none"
+    from gguf import GGMLQuantizationType
+
+    table = json.loads(Path(model_dir, TABLE_FILE).read_text())["tensors"]
+    names = {GGMLQuantizationType(e["type"]).name for n, e in table.items()
+             if n.startswith("model.layers.") and n.endswith("proj.weight")}
+    if not names:
+        return "none"
+    if all(t.startswith(("Q2", "Q3", "Q4", "IQ")) for t in names):
+        return "int4"
+    if all(t.startswith(("Q2", "Q3", "Q4", "IQ", "Q5", "Q6", "Q8")) for t in names):
+        return "int8"
+    return "none"
