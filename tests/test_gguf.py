@@ -298,3 +298,13 @@ def is_small_gguf_dir(model_dir: str) -> bool:
 
     size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
     return is_gguf_dir(model_dir) and size < 10_000_000
+
+
+def test_auto_quantization_follows_the_gguf_type(tiny_ggufs):
+    """quantization=auto keeps a GGUF's precision on the CPU: Q4_0 / Q4_1 -> int4, Q8_0 -> int8."""
+    from cluster.engine.factory import resolve_quantization
+
+    for linear_type, want in ((Q4_0, "int4"), (Q4_1, "int4"), (Q8_0, "int8")):
+        _, gguf_dir, old_dir = tiny_ggufs(linear_type)
+        assert resolve_quantization("auto", gguf_dir, "cpu") == want
+        assert resolve_quantization("auto", old_dir, "cpu") == "none"  # a float safetensors copy

@@ -127,11 +127,28 @@ def test_serve_args_and_cli_pass_quantization():
     from cluster.cli import build_parser
     from deployments.config import ServeArgs
 
-    assert ServeArgs().engine_kwargs("cpu")["quantization"] == "none"
+    assert ServeArgs().engine_kwargs("cpu")["quantization"] == "auto"
     assert ServeArgs(quantization="int4").engine_kwargs("cpu")["quantization"] == "int4"
     with pytest.raises(ValueError):
         ServeArgs(quantization="int3")
     assert build_parser().parse_args(["generate", "hi", "--quantization", "int8"]).quantization == "int8"
+    assert build_parser().parse_args(["generate", "hi"]).quantization == "auto"
+
+
+def test_auto_quantization_keeps_the_checkpoints_precision(default_model_dir, tiny_model_dir):
+    """auto: the Q4_1 default model runs int4 on the CPU (its own 4-bit weights), a float checkpoint
+    runs none, CUDA runs none; explicit values pass through."""
+    from cluster.engine.factory import resolve_quantization
+
+    assert resolve_quantization("auto", default_model_dir, "cpu") == "int4"
+    assert resolve_quantization("auto", default_model_dir, "cuda") == "none"
+    assert resolve_quantization("auto", tiny_model_dir, "cpu") == "none"
+    assert resolve_quantization("int8", default_model_dir, "cpu") == "int8"
+    llm = LLM(tiny_model_dir, early_exit=None, num_blocks=64)
+    try:
+        assert llm.engine.model_config.quantization == "none"
+    finally:
+        llm.shutdown()
 
 
 def _rank_model(monkeypatch, model_dir: str, rank: int, size: int):
