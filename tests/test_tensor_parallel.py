@@ -87,8 +87,10 @@ def test_tiny_tp3_padded_vocab_matches_tp1(ray_session, tiny_factory):
 @pytest.mark.parametrize("early_exit", ["model-default", None], ids=["exit_on", "exit_off"])
 def test_default_model_tp3_matches_tp1(ray_session, default_model_dir, early_exit):
     # the model's own exit config: shipped trained heads + exit classifiers (per-layer calibrated
-    # thresholds at layers 8..26), whose pass mask every rank all-reduces
-    assert_same_as_size_1(default_model_dir, 3, early_exit, 3, 16, 2 if early_exit else 1)
+    # thresholds at layers 8..26), whose pass mask every rank all-reduces. Float weights: the int4 /
+    # int8 kernels round each rank's partial sums to bfloat16 before the all-reduce, so quantized TP 3
+    # is close to TP 1 but not bit-equal on this model (tests/test_quant.py checks TP 2 int4 on the tiny one)
+    assert_same_as_size_1(default_model_dir, 3, early_exit, 3, 16, 2 if early_exit else 1, quantization="none")
 
 
 def test_heads_not_divisible_raises_before_any_actor(default_model_dir, monkeypatch):
