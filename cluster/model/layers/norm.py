@@ -15,8 +15,7 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same ops without the two casts (one op each, per call)
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        h = x.float()
+        same = x.dtype == torch.float32  # float32 input: no casts (each is one dispatched op per call)
+        h = x if same else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h if same else h.to(x.dtype))

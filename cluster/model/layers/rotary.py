@@ -70,11 +70,6 @@ class RotaryEmbedding(nn.Module):
             self._last = key = (positions, dtype, cos, sin)
         return key[2], key[3]
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotated copy of ``x: [T, heads, d]``."""
-        cos, sin = self.tables(positions, x.dtype)
-        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
-
     @staticmethod
     def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x: [T, heads, d]`` in place with this iteration's :meth:`tables` (``x`` may be a
