@@ -12,6 +12,10 @@ ConfidenceMeasure = Literal["max_prob", "top2_margin", "classifier"]
 CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "classifier")
 ExitHeadKind = Literal["shared", "trained"]
 ExitPolicy = Literal["paper", "per_sequence"]
+# Early-exit modes: the lossy policies (a token's exit-head prediction is final) and the lossless
+# speculative modes (exit-head tokens are drafts, verified by the full model; cluster.model.speculative)
+EXIT_MODES = ("paper", "per_sequence", "verified", "self_speculative")
+LOSSLESS_MODES = ("verified", "self_speculative")
 QUANT_CHOICES = ("none", "int8", "int4")  # same as cluster.model.layers.quant.QUANT_CHOICES
 
 
@@ -206,7 +210,25 @@ class ExitConfig:
             threshold. A per-request threshold still applies to every exit layer.
         policy: ``paper``: the batch runs layer by layer and leaves the full computation only once
             every sequence is confident; ``per_sequence``: confident sequences leave at once and only
-            receive KV fill.
+            receive KV fill. Both are lossy: an exit's token is final. Stop tokens (EOS, a request's
+            ``stop_token_ids``) are only emitted at full depth: a row whose exit argmax is one keeps
+            computing (it is re-run from its exit layer to the last layer in the same iteration).
+        mode: None (the lossy ``policy``), ``paper`` / ``per_sequence`` (lossy, sets the policy), or a
+            lossless speculative mode whose greedy output equals the full model's token for token:
+            ``verified`` (AdaDecode, Wei et al. ICML 2025: a token whose exit is confident is a draft;
+            drafting goes on until an exit is not confident or ``num_draft_tokens`` drafts exist; the
+            drafts' remaining layers then run in one verification pass, the longest agreeing prefix
+            is kept) or ``self_speculative`` (LayerSkip, Elhoushi et al. ACL 2024: ``num_draft_tokens``
+            drafts from layer ``draft_layer`` and its exit head, verified in one pass through layers
+            ``draft_layer+1..L`` that reuses the drafts' hidden states and KV). Requests may pick
+            their own mode. See :mod:`cluster.model.speculative`.
+        draft_layer: ``self_speculative``: the layer count whose exit head drafts (default: the first
+            exit layer; with ``head='trained'`` it must be one of ``exit_layers``).
+        num_draft_tokens: drafts per verification (``self_speculative``: exactly this many, fewer only
+            near ``max_tokens``; ``verified``: at most this many).
+        spec_max_batch: speculation runs only while at most this many sequences decode in the
+            iteration; larger batches verify at full depth without drafts (a large batch is compute-
+            bound, where drafting costs more than it saves; vLLM's ``speculative_disable_by_batch_size``).
     """
 
     exit_layers: tuple[int, ...] = ()
@@ -216,8 +238,28 @@ class ExitConfig:
     threshold: float = 0.9
     policy: ExitPolicy = "paper"
     layer_thresholds: Optional[tuple[float, ...]] = None
+    mode: Optional[str] = None
+    draft_layer: Optional[int] = None
+    num_draft_tokens: int = 4
+    spec_max_batch: int = 8
 
     def __post_init__(self):
+        if self.mode is not None and self.mode not in EXIT_MODES:
+            raise ValueError(f"mode must be one of {EXIT_MODES}, got {self.mode!r}")
+        if self.mode in ("paper", "per_sequence"):
+            object.__setattr__(self, "policy", self.mode)
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
+        if self.spec_max_batch < 0:
+            raise ValueError(f"spec_max_batch must be >= 0, got {self.spec_max_batch}")
+        if self.mode == "verified" and not self.exit_layers:
+            raise ValueError("mode='verified' needs exit_layers (drafts come from confident exits)")
+        if self.draft_layer is not None and self.draft_layer < 1:
+            raise ValueError(f"draft_layer must be >= 1, got {self.draft_layer}")
+        if (self.draft_layer is not None and self.head == "trained"
+                and self.draft_layer not in self.exit_layers):
+            raise ValueError(f"draft_layer {self.draft_layer}: with head='trained' it must be one of "
+                             f"exit_layers {self.exit_layers} (the layers that have a trained head)")
         if self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
         if self.head not in ("shared", "trained"):
@@ -239,6 +281,17 @@ class ExitConfig:
             if any(not 0.0 <= t <= 1.0 for t in self.layer_thresholds):
                 raise ValueError(f"layer_thresholds must lie in [0, 1], got {self.layer_thresholds}")
 
+    @property
+    def is_lossless(self) -> bool:
+        return self.mode in LOSSLESS_MODES
+
+    @property
+    def default_draft_layer(self) -> Optional[int]:
+        """``draft_layer``, else the first exit layer (None without exit layers)."""
+        if self.draft_layer is not None:
+            return self.draft_layer
+        return self.exit_layers[0] if self.exit_layers else None
+
     def threshold_for(self, layer: int) -> float:
         """The default confidence threshold at exit layer ``layer`` (per-layer if calibrated)."""
         if self.layer_thresholds is None:
@@ -246,13 +299,37 @@ class ExitConfig:
         return self.layer_thresholds[self.exit_layers.index(layer)]
 
     def validate_for(self, num_layers: int) -> None:
-        """Raises ValueError if an exit layer is not below ``num_layers``."""
+        """Raises ValueError if an exit layer or the draft layer is not below ``num_layers``."""
         bad = [l for l in self.exit_layers if l >= num_layers]
         if bad:
             raise ValueError(f"exit_layers {bad} must be < num_layers ({num_layers})")
+        if self.draft_layer is not None and self.draft_layer >= num_layers:
+            raise ValueError(f"draft_layer {self.draft_layer} must be < num_layers ({num_layers})")
 
     @classmethod
     def default_for(cls, num_layers: int, **overrides) -> "ExitConfig":
         """Exit points every quarter of the depth (e.g. 30 layers -> 8, 15, 23)."""
         layers = tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} - {num_layers}))
         return cls(exit_layers=layers, **overrides)
+
+
+@dataclass(frozen=True)
+class SpecParams:
+    """A request's resolved lossless mode (what the scheduler and the model runner see).
+
+    ``mode``: ``verified`` or ``self_speculative``; ``draft_layer``: the forced exit layer of
+    ``self_speculative`` drafts (None for ``verified``); ``num_draft_tokens``: drafts per
+    verification (exact for ``self_speculative``, a cap for ``verified``).
+    """
+
+    mode: str
+    draft_layer: Optional[int]
+    num_draft_tokens: int
+
+    def __post_init__(self):
+        if self.mode not in LOSSLESS_MODES:
+            raise ValueError(f"mode must be one of {LOSSLESS_MODES}, got {self.mode!r}")
+        if self.mode == "self_speculative" and self.draft_layer is None:
+            raise ValueError("self_speculative needs a draft_layer")
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")

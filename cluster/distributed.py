@@ -90,3 +90,10 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_STATE.size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_driver(x: torch.Tensor) -> torch.Tensor:
+    """In place: every rank's ``x`` becomes rank 0's (identity at size 1); ``x`` on the rank's device."""
+    if _STATE.size > 1:
+        dist.broadcast(x, src=0)
+    return x

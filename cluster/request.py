@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from cluster.config import SpecParams
 from cluster.sampling import SamplingParams
 
 
@@ -53,6 +54,11 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: Optional[object] = None  # the stop string or token id that finished it
+    # lossless early exit (verified / self_speculative); None: lossy exits or the full model
+    spec: Optional[SpecParams] = None
+    num_draft_tokens: int = 0  # drafts proposed so far
+    num_accepted_tokens: int = 0  # drafts the full model confirmed
+    num_verify_steps: int = 0  # iterations that verified drafts
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -162,7 +162,10 @@ def test_sampling_seed_stop_and_finish_reasons(llm_ee):
     a, b = llm_ee.generate([PROMPTS[0], PROMPTS[0]], [p, p])
     assert a.token_ids == b.token_ids  # same seed, same tokens, even in one batch
     base = llm_ee.generate(PROMPTS[0], greedy(16))[0]
-    stop_tok = base.token_ids[5]
+    # a token first produced at full depth (stop tokens only come from the full model, test_stop_tokens_only_at_full_depth)
+    j = next(j for j, (t, l) in enumerate(zip(base.token_ids, base.exit_layers))
+             if l == base.num_layers and base.token_ids.index(t) == j)
+    stop_tok = base.token_ids[j]
     o = llm_ee.generate(PROMPTS[0], greedy(16, stop_token_ids=[stop_tok]))[0]
     assert o.finish_reason == "stop" and o.token_ids[-1] == stop_tok
     assert len(o.token_ids) == base.token_ids.index(stop_tok) + 1
@@ -171,6 +174,31 @@ def test_sampling_seed_stop_and_finish_reasons(llm_ee):
         o = llm_ee.generate(PROMPTS[0], greedy(16, stop=[word]))[0]
         assert o.finish_reason == "stop" and word not in o.text
     assert base.finish_reason == "length"
+
+
+@pytest.mark.parametrize("policy", ["paper", "per_sequence"])
+def test_stop_tokens_only_at_full_depth(tiny_model_dir, policy):
+    """Issue 9: a row whose exit argmax is EOS or a stop token keeps computing: every stop token the
+    lossy policies emit comes from the last layer, and their other tokens are unchanged."""
+    llm = LLM(tiny_model_dir, early_exit=ExitConfig(exit_layers=(1, 2, 3, 4, 5), threshold=0.0, policy=policy),
+              block_size=4)
+    try:
+        base = llm.generate(PROMPTS[:4], greedy(12))
+        for b, prompt in zip(base, PROMPTS):
+            assert min(b.exit_layers) < b.num_layers  # threshold 0: exits happen
+            stop_tok = b.token_ids[2]  # an early-exit token
+            o = llm.generate(prompt, greedy(12, stop_token_ids=[stop_tok]))[0]
+            for t, layer in zip(o.token_ids, o.exit_layers):
+                if t == stop_tok:
+                    assert layer == o.num_layers
+            # up to the first place where the exit would have emitted the stop token, nothing changed
+            k = b.token_ids.index(stop_tok)
+            assert o.token_ids[:k] == b.token_ids[:k]
+            assert b.exit_layers[k] < b.num_layers  # base: the stop token came from an exit ...
+            assert o.exit_layers[k] == o.num_layers  # ... so this row was re-run to the last layer
+        llm.engine.check_integrity()
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.parametrize("kwargs,param", [

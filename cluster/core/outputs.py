@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from cluster.config import SpecParams
 from cluster.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -42,6 +43,10 @@ class ScheduledRequest:
     # guided decoding (filled by the ENGINE each step for guided requests with sample=True):
     # int32 [ceil(V / 32)], bit j of word i set <=> token 32*i+j allowed (xgrammar's layout)
     guided_bitmask: Optional["numpy.ndarray"] = None
+    # lossless early exit: the request's mode, and how many drafts to make this iteration (0: none;
+    # the block table then also covers the drafts' positions start_position+1 .. +num_draft_tokens)
+    spec: Optional[SpecParams] = None
+    num_draft_tokens: int = 0
 
 
 @dataclass
@@ -77,3 +82,9 @@ class ModelRunnerOutput:
     # request_id -> error message: sampling failed for this request alone; it got no token (the
     # engine finishes it with an error)
     failed: dict[str, str] = field(default_factory=dict)
+    # lossless early exit (requests scheduled with num_draft_tokens > 0, instead of sampled_token_ids):
+    # the verified tokens of this iteration (accepted drafts, then the full model's own token), their
+    # exit layers (a draft's exit layer; num_layers for the full model's token), and drafts proposed
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    spec_exit_layers: dict[str, list[int]] = field(default_factory=dict)
+    num_drafts: dict[str, int] = field(default_factory=dict)

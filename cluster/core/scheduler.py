@@ -15,6 +15,8 @@ from cluster.core.block_manager import BlockManager
 from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from cluster.request import Request, RequestStatus
 
+FULL_DEPTH_THRESHOLD = 2.0  # an exit threshold above 1: the row runs every layer
+
 
 class Scheduler:
     """Chooses each iteration's batch and applies its results.
@@ -24,10 +26,14 @@ class Scheduler:
             and ``max_model_len`` (prompt + output tokens per request).
         cache_config: ``block_size`` and ``enable_prefix_caching`` of the paged KV cache.
         num_blocks: number of physical KV blocks (resolved by the engine).
+        spec_max_batch: requests with a lossless mode (``Request.spec``) draft only while at most
+            this many requests decode in the iteration; above it they decode at full depth.
     """
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
+                 spec_max_batch: int = 8):
         self.config = scheduler_config
+        self.spec_max_batch = spec_max_batch
         self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -89,8 +95,10 @@ class Scheduler:
         """
         bm = self.block_manager
         budget = self.config.max_num_batched_tokens
-        chosen: list[tuple[Request, int]] = []
+        chosen: list[tuple[Request, int, int]] = []
         preempted: list[str] = []
+        num_decodes = sum(1 for r in self.running if r.num_output_tokens and r.num_tokens - r.num_computed_tokens == 1)
+        spec_on = num_decodes <= self.spec_max_batch
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -99,7 +107,11 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            while bm.allocate_slots(req, n) is None:
+            k = self._num_drafts(req, n, budget) if spec_on else 0
+            while bm.allocate_slots(req, n + k) is None:
+                if k:  # no room for the drafts' slots: decode without drafts before preempting anyone
+                    k = 0
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -107,8 +119,8 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break  # it preempted itself: lower-priority requests are already gone
-            chosen.append((req, n))
-            budget -= n
+            chosen.append((req, n, k))
+            budget -= n + k
             i += 1
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -124,10 +136,10 @@ class Scheduler:
                 req.num_cached_tokens = num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            chosen.append((req, n))
+            chosen.append((req, n, 0))
             budget -= n
 
-        scheduled = [self._make_scheduled(req, n) for req, n in chosen]
+        scheduled = [self._make_scheduled(req, n, k) for req, n, k in chosen]
         scheduled.sort(key=lambda s: not s.exit_eligible)  # stable: decodes first
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
@@ -137,7 +149,17 @@ class Scheduler:
             finished_req_ids=finished,
         )
 
-    def _make_scheduled(self, req: Request, n: int) -> ScheduledRequest:
+    def _num_drafts(self, req: Request, n: int, budget: int) -> int:
+        """Drafts a lossless request makes this iteration: its mode's ``num_draft_tokens``, limited so
+        that the verified tokens (drafts + 1) never pass ``max_tokens`` or ``max_model_len`` and the
+        drafts' rows fit the token budget; 0 for requests without a lossless mode or not decoding."""
+        spec = req.spec
+        if spec is None or n != 1 or req.num_computed_tokens < req.num_prompt_tokens or not req.num_output_tokens:
+            return 0
+        room = min(req.sampling_params.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens)
+        return max(0, min(spec.num_draft_tokens, room - 1, budget - n))
+
+    def _make_scheduled(self, req: Request, n: int, k: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
         sample = start + n == req.num_tokens
         prompt = None
@@ -153,10 +175,13 @@ class Scheduler:
             # a 1-token chunk past the prompt that is not the last token is recompute: full depth
             exit_eligible=n == 1 and start >= req.num_prompt_tokens and sample,
             sampling_params=req.sampling_params,
-            exit_threshold=req.exit_threshold,
+            # a lossless request never takes a lossy exit: without drafts it decodes at full depth
+            exit_threshold=req.exit_threshold if req.spec is None or k else FULL_DEPTH_THRESHOLD,
             num_output_tokens=req.num_output_tokens,
             eos_token_ids=tuple(req.eos_token_ids),
             prompt_token_ids=prompt,
+            spec=req.spec if k else None,
+            num_draft_tokens=k,
         )
 
     def _preempt(self, req: Request) -> None:
@@ -188,21 +213,43 @@ class Scheduler:
             req = self.requests.get(sr.request_id)
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted (or finished) between schedule() and update()
-            req.num_computed_tokens += len(sr.token_ids)
+            rid = req.request_id
+            spec = runner_output.spec_token_ids.get(rid) if sr.num_draft_tokens else None
+            if spec is not None:  # drafts verified: every row up to the last accepted one is complete
+                self._update_spec(req, sr, runner_output, spec)
+            else:
+                req.num_computed_tokens += len(sr.token_ids)
             self.block_manager.cache_full_blocks(req)
-            if not sr.sample or req.request_id not in runner_output.sampled_token_ids:
+            if spec is not None:
+                tokens = spec
+                layers = runner_output.spec_exit_layers.get(rid, [0] * len(spec))
+            elif sr.sample and rid in runner_output.sampled_token_ids:
+                tokens = [int(runner_output.sampled_token_ids[rid])]
+                layers = [int(runner_output.exit_layers.get(rid, 0))]
+            else:
                 continue
-            token = int(runner_output.sampled_token_ids[req.request_id])
-            req.output_token_ids.append(token)
-            req.exit_layers.append(int(runner_output.exit_layers.get(req.request_id, 0)))
-            status = self._check_stop(req, token)
-            if status is not None:
-                self._finish(req, status)
-                any_finished = True
+            for token, layer in zip(tokens, layers):
+                req.output_token_ids.append(int(token))
+                req.exit_layers.append(int(layer))
+                status = self._check_stop(req, int(token))
+                if status is not None:  # tokens after a stop are dropped
+                    self._finish(req, status)
+                    any_finished = True
+                    break
             out.append(req)
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return out
+
+    @staticmethod
+    def _update_spec(req: Request, sr: ScheduledRequest, runner_output: ModelRunnerOutput, tokens: list[int]) -> None:
+        """Bookkeeping of a verification: the rows of the last sampled token and of the accepted drafts
+        have their KV complete at every layer (``len(tokens)`` rows: accepted drafts + 1); the slots
+        of rejected drafts stay reserved in the block table and are overwritten by later tokens."""
+        req.num_computed_tokens += len(tokens)
+        req.num_draft_tokens += runner_output.num_drafts.get(req.request_id, 0)
+        req.num_accepted_tokens += len(tokens) - 1
+        req.num_verify_steps += 1
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params

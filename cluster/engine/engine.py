@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from cluster.config import LOSSLESS_MODES, CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpecParams
 from cluster.core.scheduler import Scheduler
 from cluster.engine.detokenizer import IncrementalDetokenizer
-from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput, TokenLogprob
+from cluster.engine.protocol import (FULL_MODEL_THRESHOLD, EngineRequest, InvalidRequestError, RequestOutput,
+                                     TokenLogprob)
 from cluster.request import Request, RequestStatus
 from cluster.sampling import SamplingParams
 
@@ -33,6 +34,7 @@ class _Tracked:
     guided: object = None  # cluster.engine.guided.GuidedDecoder
     first_token_time: Optional[float] = None
     error: Optional[str] = None
+    num_sent: int = 0  # output tokens already reported
 
 
 class LLMEngine:
@@ -75,7 +77,8 @@ class LLMEngine:
                                        cache_config.block_size, **worker_kwargs)
             report = self.workers.memory_report()
         self.memory_report = report
-        self.scheduler = Scheduler(scheduler_config, cache_config, self.num_blocks)
+        self.scheduler = Scheduler(scheduler_config, cache_config, self.num_blocks,
+                                   spec_max_batch=exit_config.spec_max_batch if exit_config is not None else 8)
         gib = 1 << 30
         logger.info("engine on %s (%s, tensor_parallel_size=%d): weights %.3f GiB, KV cache %.3f GiB = %d blocks "
                     "x %d tokens per rank%s", parallel_config.device, model_config.dtype,
@@ -169,7 +172,47 @@ class LLMEngine:
                                           code="context_length_exceeded")
         if sp.guided_decoding is not None:
             self._guided().validate(sp.guided_decoding)
+        self.resolve_spec(req)
         return req
+
+    def resolve_spec(self, req: EngineRequest) -> tuple[Optional[SpecParams], Optional[float]]:
+        """The request's lossless mode and exit threshold: ``(SpecParams or None, threshold)``.
+
+        A lossless request whose sampling uses penalties, guided decoding or logprobs (which
+        speculation does not handle) runs at full depth instead: still the full model's output.
+
+        Raises:
+            InvalidRequestError: ``verified`` without exit layers; a ``draft_layer`` outside ``[1,
+                num_layers)`` or, with trained exit heads, not one of the exit layers; draft
+                settings given with a lossy mode.
+        """
+        ec, L = self.exit_config, self.model_config.num_layers
+        mode = req.exit_mode or (ec.mode if ec is not None else None)
+        lossless = mode in LOSSLESS_MODES
+        if not lossless and (req.draft_layer is not None or req.num_draft_tokens is not None):
+            raise InvalidRequestError("early_exit", "early_exit: draft_layer and num_draft_tokens need mode "
+                                      "'verified' or 'self_speculative'")
+        thr = req.exit_threshold
+        if not lossless or (thr is not None and thr > 1.0):
+            return None, thr
+        sp = req.sampling_params
+        k = req.num_draft_tokens or (ec.num_draft_tokens if ec is not None else 4)
+        if mode == "verified":
+            if ec is None or not ec.exit_layers:
+                raise InvalidRequestError("early_exit", "early_exit.mode: 'verified' needs exit layers; this "
+                                          "engine runs the full model")
+            spec = SpecParams("verified", None, k)
+        else:
+            e = req.draft_layer or (ec.default_draft_layer if ec is not None else None) or max(1, L // 4)
+            if not 1 <= e < L:
+                raise InvalidRequestError("early_exit", f"early_exit.draft_layer: must be in [1, {L - 1}], got {e}")
+            if ec is not None and ec.head == "trained" and e not in ec.exit_layers:
+                raise InvalidRequestError("early_exit", f"early_exit.draft_layer: {e} has no trained exit head; "
+                                          f"choose one of {list(ec.exit_layers)}")
+            spec = SpecParams("self_speculative", e, k)
+        if sp.uses_penalties or sp.guided_decoding is not None or sp.logprobs is not None:
+            return None, FULL_MODEL_THRESHOLD
+        return spec, thr
 
     def add_request(self, request: Union[EngineRequest, str, list[int]], params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None, exit_threshold: Optional[float] = None) -> str:
@@ -187,8 +230,9 @@ class LLMEngine:
                                     sampling_params=params or SamplingParams(), exit_threshold=exit_threshold)
         request = self.validate(request)
         sp = request.sampling_params
+        spec, threshold = self.resolve_spec(request)
         req = Request(request.request_id, list(request.prompt_token_ids), sp, eos_token_ids=self.eos_token_ids,
-                      exit_threshold=request.exit_threshold)
+                      exit_threshold=threshold, spec=spec)
         guided = self._guided().create(sp.guided_decoding) if sp.guided_decoding is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, stop=sp.stop,
                                        skip_special_tokens=sp.skip_special_tokens)
@@ -249,15 +293,18 @@ class LLMEngine:
         t = self._tracked[req.request_id]
         if t.first_token_time is None:
             t.first_token_time = now
-        token = req.output_token_ids[-1]
+        tokens = req.output_token_ids[t.num_sent:]  # one, or a lossless mode's verified tokens
+        layers = req.exit_layers[t.num_sent:]
+        t.num_sent = req.num_output_tokens
         try:
             if t.guided is not None and not req.is_finished:
-                if not t.guided.accept(token):
-                    raise RuntimeError(f"the grammar rejected sampled token {token}")
+                for token in tokens:
+                    if not t.guided.accept(token):
+                        raise RuntimeError(f"the grammar rejected sampled token {token}")
                 if t.guided.is_terminated():
                     self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             finished = req.is_finished
-            new_text, stop = t.detokenizer.update([token], finished=finished)
+            new_text, stop = t.detokenizer.update(tokens, finished=finished)
             if stop is not None:
                 req.stop_reason = stop
                 if not finished:
@@ -268,8 +315,8 @@ class LLMEngine:
         lp = None
         entry = (getattr(runner_out, "logprobs", None) or {}).get(req.request_id)
         if entry is not None:
-            lp = [TokenLogprob(token, float(entry[0]), [(int(i), float(v)) for i, v in entry[1]])]
-        return self._output(t, [token], new_text, [req.exit_layers[-1]], lp, now)
+            lp = [TokenLogprob(tokens[-1], float(entry[0]), [(int(i), float(v)) for i, v in entry[1]])]
+        return self._output(t, tokens, new_text, layers, lp, now)
 
     def _output(self, t: _Tracked, new_ids, new_text, new_layers, logprobs, now) -> RequestOutput:
         req = t.request
@@ -283,7 +330,9 @@ class LLMEngine:
             stop_reason=req.stop_reason, error=t.error, num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens, num_cached_tokens=req.num_cached_tokens,
             num_layers=self.model_config.num_layers, arrival_time=req.arrival_time,
-            first_token_time=t.first_token_time, finished_time=now if finished else None)
+            first_token_time=t.first_token_time, finished_time=now if finished else None,
+            num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens,
+            num_verify_steps=req.num_verify_steps)
 
     def _fail(self, request_id: str, message: str, now: float) -> Optional[RequestOutput]:
         """Finish one request with an error (its KV blocks are freed); others are untouched."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.sampling import SamplingParams
 
 FULL_MODEL_THRESHOLD = float("inf")  # an exit threshold above 1 runs the full model
+MAX_DRAFT_TOKENS = 16  # drafts per verification a request may ask for
 
 
 class InvalidRequestError(ValueError):
@@ -46,6 +47,11 @@ class EngineRequest(BaseModel):
             (per exit layer if calibrated); ``> 1`` (e.g. :data:`FULL_MODEL_THRESHOLD`): full model.
         max_tokens_is_default: the client gave no ``max_tokens``: the engine lowers it to what the
             context window and the KV cache can hold instead of refusing the request.
+        exit_mode: None (the exit config's mode), ``paper`` / ``per_sequence`` (lossy exits; the
+            batch's compute policy stays the engine's), ``verified`` or ``self_speculative``
+            (lossless: the output is the full model's; see :class:`cluster.config.ExitConfig`).
+        draft_layer, num_draft_tokens: override the exit config's for ``self_speculative`` /
+            ``verified`` (None: the config's).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -55,6 +61,9 @@ class EngineRequest(BaseModel):
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
     exit_threshold: Optional[float] = Field(None, ge=0.0)
     max_tokens_is_default: bool = False
+    exit_mode: Optional[Literal["paper", "per_sequence", "verified", "self_speculative"]] = None
+    draft_layer: Optional[int] = Field(None, ge=1)
+    num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
 
 
 @dataclass
@@ -97,6 +106,10 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
+    # lossless early exit, totals so far: drafts proposed, drafts accepted, verification iterations
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_verify_steps: int = 0
 
 
 @dataclass
@@ -118,6 +131,21 @@ class CompletionOutput:
     arrival_time: float = 0.0
     first_token_time: Optional[float] = None
     finished_time: Optional[float] = None
+    num_draft_tokens: int = 0  # lossless modes: drafts proposed
+    num_accepted_tokens: int = 0  # drafts the full model confirmed
+    num_verify_steps: int = 0  # iterations that verified drafts
+
+    @property
+    def acceptance_rate(self) -> Optional[float]:
+        """Accepted / proposed drafts (None without drafts)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def tokens_per_verify(self) -> Optional[float]:
+        """Verified tokens per verification iteration (accepted drafts + the full model's token)."""
+        if not self.num_verify_steps:
+            return None
+        return (self.num_accepted_tokens + self.num_verify_steps) / self.num_verify_steps
 
     def add(self, delta: RequestOutput) -> "CompletionOutput":
         """Append one delta (returns self)."""
@@ -131,6 +159,8 @@ class CompletionOutput:
         self.num_layers, self.num_cached_tokens = delta.num_layers, delta.num_cached_tokens
         self.arrival_time, self.first_token_time = delta.arrival_time, delta.first_token_time
         self.finished_time = delta.finished_time
+        self.num_draft_tokens, self.num_accepted_tokens = delta.num_draft_tokens, delta.num_accepted_tokens
+        self.num_verify_steps = delta.num_verify_steps
         return self
 
 

@@ -18,7 +18,7 @@ row exits), so every tensor-parallel rank takes the same exit decision.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -200,6 +200,9 @@ class ExitBatch:
     host_rows: Optional[list[int]] = None  # sample_rows as host ints
     host_eligible: Optional[list[bool]] = None  # eligible as host bools
     eligible_rows: Optional[torch.Tensor] = None  # [E] long on the device: indices j with eligible[j]
+    # rows whose first layers ran in an earlier pass (drafts being verified, a stop token re-run from
+    # its exit): see :class:`Join`; sorted by depth, one entry per depth
+    joins: list["Join"] = field(default_factory=list)
 
     def rows(self) -> list[int]:
         if self.host_rows is None:
@@ -213,10 +216,31 @@ class ExitBatch:
 
 
 @dataclass
+class Join:
+    """Token rows whose first ``depth`` layers already ran (K/V of those layers in the cache, hidden
+    state ``states`` kept): they join the forward at layer ``depth + 1``.
+
+    Until then they ride along (their rows are computed, the result is dropped) and write their K/V
+    to ``slot_mapping``, which maps them to the KV cache's trash slot (a slot no block table holds),
+    so their cached K/V of the first ``depth`` layers stay intact. ``slot_mapping`` is the whole
+    iteration's ``[T]`` mapping for the layers before this join: the rows of this and of every deeper
+    join point at the trash slot.
+    """
+
+    depth: int
+    rows: torch.Tensor  # [n] long: token indices in the flattened batch
+    states: torch.Tensor  # [n, hidden] hidden states after ``depth`` layers
+    slot_mapping: torch.Tensor  # [T] long
+
+
+@dataclass
 class ExitResult:
     logits: torch.Tensor  # [S, vocab] float32 full-vocabulary logits at each row's exit
     exit_layers: torch.Tensor  # [S] long, 1-based number of decoder layers run (L = full model)
     num_checks: int = 0  # exit layers checked = device->host syncs made by the forward
+    exited_rows: list[int] = field(default_factory=list)  # host: sample rows that exited early
+    # [S, hidden] hidden state of each exited row at its exit (rows that did not exit: undefined)
+    hidden: Optional[torch.Tensor] = None
 
 
 def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids: torch.Tensor,
@@ -253,6 +277,7 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     S = len(rows)
     exit_at = set(heads.cfg.exit_layers) if heads is not None else set()
     per_sequence = heads is not None and heads.cfg.policy == "per_sequence"
+    # rows joining later are never eligible (ExitBatch) and never exit, so ``stopped`` stays False
     h = model.model.embed_tokens(input_ids)
     # host bookkeeping: sample rows still allowed to exit (ascending) and their device index
     pending = [j for j, e in enumerate(batch.eligible_list()) if e] if exit_at else []
@@ -267,11 +292,23 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     compute_rows, compute_meta = None, None  # None: compute all rows
     stopped = False  # every token exited: the remaining layers only fill K/V
     num_checks = 0
+    joins = batch.joins
+    layer_meta = meta
+    if joins:
+        if meta.num_decodes:  # build the shared decode mask once, before the per-stage copies
+            meta.decode_mask(kv_caches[0].shape[2])
+        layer_meta = replace(meta, slot_mapping=joins[0].slot_mapping)
+    stage = 0
+    hidden = None  # [S, hidden] raw hidden state at each exit
     for i, layer in enumerate(layers):
+        while stage < len(joins) and joins[stage].depth == i:  # drafts join with their kept states
+            h = h.index_copy(0, joins[stage].rows, joins[stage].states)
+            stage += 1
+            layer_meta = meta if stage == len(joins) else replace(meta, slot_mapping=joins[stage].slot_mapping)
         if stopped:
             layer.fill_kv(h, positions, meta.slot_mapping, kv_caches[i])
             continue
-        out = layer(h, positions, meta, kv_caches[i], compute_rows, compute_meta)
+        out = layer(h, positions, layer_meta, kv_caches[i], compute_rows, compute_meta)
         if compute_rows is not None:
             h = h.index_copy(0, compute_rows, out)
         else:
@@ -299,6 +336,8 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
             row_exit = torch.full((S,), L, dtype=torch.long, device=dev)
             logits = torch.empty(S, model.config.vocab_size, dtype=torch.float32, device=dev)
             states = h.new_empty(S, h.shape[1])
+            hidden = h.new_empty(S, h.shape[1])
+        hidden.index_copy_(0, done_dev, h.index_select(0, done_tok_dev))
         if local is None:  # cheap measure: logits later, in one LM-head pass with the other rows
             states.index_copy_(0, done_dev, heads.exit_state(depth, h.index_select(0, done_tok_dev)))
             deferred += done
@@ -335,4 +374,5 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
             states.index_copy_(0, final_dev, h.index_select(0, final_tok_dev))
         logits.index_copy_(0, deferred_dev, model.lm_head.full_logits(
             model.final_local_logits(states.index_select(0, deferred_dev))))
-    return ExitResult(logits=logits, exit_layers=row_exit, num_checks=num_checks)
+    return ExitResult(logits=logits, exit_layers=row_exit, num_checks=num_checks, exited_rows=sorted(exited_rows),
+                      hidden=hidden)

@@ -13,12 +13,13 @@ from typing import Optional
 import torch
 
 from cluster.config import ExitConfig, ModelConfig
-from cluster.core.outputs import ModelRunnerOutput, SchedulerOutput
-from cluster.model.exits import ExitBatch, ExitHeads, ExitResult, forward_with_exits
+from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from cluster.model.exits import ExitBatch, ExitHeads, ExitResult, Join, forward_with_exits
 from cluster.model.layers.attention import AttentionMetadata, PrefillChunk
 from cluster.model.llama import LlamaForCausalLM
 from cluster.model.layers.quant import QuantizedWeight
 from cluster.model.layers.sampler import TokenHistory, host_to_device, sample
+from cluster.worker.spec_decode import SpecDecoder, RowState
 
 
 class SamplingStates:
@@ -125,6 +126,7 @@ class ModelRunner:
         if num_blocks is not None:
             self.initialize_cache(num_blocks)
         self.sampling_states = SamplingStates()
+        self.spec_decoder = SpecDecoder(self)
 
     # ------------------------------------------------------------------------------------ memory
     def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
@@ -150,9 +152,11 @@ class ModelRunner:
         return total
 
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV cache (zeros: unused slots must hold finite values) on the model's device."""
+        """Allocate the KV cache (zeros: unused slots must hold finite values) on the model's device,
+        plus one block no block table holds: its first slot is the trash slot
+        (:attr:`trash_slot`) where rows that join a forward later write their K/V until they join."""
         self.kv_cache = None
-        self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(self._cache_shape(num_blocks + 1), dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.num_blocks = num_blocks
 
@@ -185,22 +189,47 @@ class ModelRunner:
                 sample(result.logits, [full] * result.logits.shape[0])
         del scratch, caches
 
+    @property
+    def trash_slot(self) -> int:
+        return self.num_blocks * self.block_size
+
     # ---------------------------------------------------------------------------------- one step
-    def prepare(self, so: SchedulerOutput):
+    def prepare(self, so: SchedulerOutput, rows_of: Optional[dict[str, RowState]] = None):
         """Build ``(input_ids [T], positions [T], AttentionMetadata, ExitBatch)`` for one iteration.
 
         Everything is gathered on the host into ONE int64 buffer (ids, positions, slot mapping, decode
         block tables and context lengths, prefill chunk tables, sample rows, eligibility, thresholds
-        as float64 bits) and copied to the device once (pinned, non-blocking on CUDA); the tensors
-        are views of that copy. No device value is read.
+        as float64 bits, the slot mappings of joining rows) and copied to the device once (pinned,
+        non-blocking on CUDA); the tensors are views of that copy. No device value is read.
+
+        ``rows_of``: requests whose rows are given by a :class:`RowState` (drafts to verify, a row
+        re-run from its exit): each row is a decode row of its own (its context: every position up to
+        it), sampled, never exit-eligible; rows with ``depth > 0`` join at that depth (:class:`Join`).
         """
         bs = self.block_size
         ids, pos, slots = [], [], []
         tables, lens, chunks = [], [], []
         rows, eligible, thresholds = [], [], []
+        joining: dict[int, list[tuple[int, torch.Tensor]]] = {}  # depth -> [(token index, state)]
         t = 0
         for sr in so.scheduled:
             n, s0, table = len(sr.token_ids), sr.start_position, sr.block_table
+            rs = rows_of.get(sr.request_id) if rows_of else None
+            if rs is not None:
+                for j, tok in enumerate(rs.tokens(sr)):
+                    p = s0 + j
+                    ids.append(tok)
+                    pos.append(p)
+                    slots.append(table[p // bs] * bs + p % bs)
+                    tables.append(table)
+                    lens.append(p + 1)
+                    rows.append(t)
+                    eligible.append(False)
+                    thresholds.append(float("nan"))
+                    if rs.depths[j]:
+                        joining.setdefault(rs.depths[j], []).append((t, rs.hidden[j]))
+                    t += 1
+                continue
             ids += sr.token_ids
             if n == 1:
                 pos.append(s0)
@@ -235,59 +264,141 @@ class ModelRunner:
         buf += [int(e) for e in eligible]
         buf += eligible_rows
         buf += array("q", array("d", thresholds).tobytes())  # float64 bits: NaN survives
-        parts = [t, t, t, D * width, D] + [len(c[3]) for c in chunks] + [S, S, len(eligible_rows), S]
+        depths = sorted(joining)
+        join_parts = []
+        for stage in range(len(depths)):  # slot mapping while joins[stage:] have not joined: trash
+            trashed = list(slots)
+            for d in depths[stage:]:
+                for tok, _ in joining[d]:
+                    trashed[tok] = self.trash_slot
+            buf += trashed
+            join_parts.append(t)
+        for d in depths:
+            buf += [tok for tok, _ in joining[d]]
+            join_parts.append(len(joining[d]))
+        parts = [t, t, t, D * width, D] + [len(c[3]) for c in chunks] + [S, S, len(eligible_rows), S] + join_parts
         views = host_to_device(buf, torch.long, self.device).split(parts)
         input_ids, positions, slot_mapping, bt, ctx_lens = views[:5]
         prefills = [PrefillChunk(c[0], c[1], c[2], v) for c, v in zip(chunks, views[5:5 + len(chunks)])]
-        sample_rows, elig, elig_rows, thr_bits = views[5 + len(chunks):]
+        k = 5 + len(chunks)
+        sample_rows, elig, elig_rows, thr_bits = views[k:k + 4]
+        stage_slots, join_rows = views[k + 4:k + 4 + len(depths)], views[k + 4 + len(depths):]
+        joins = [Join(d, r, torch.stack([st for _, st in joining[d]]), sm)
+                 for d, r, sm in zip(depths, join_rows, stage_slots)]
         meta = AttentionMetadata(slot_mapping, D, bt.view(D, width), ctx_lens, prefills)
         batch = ExitBatch(sample_rows, elig.bool(), thr_bits.view(torch.float64).to(torch.float32),
-                          host_rows=rows, host_eligible=eligible, eligible_rows=elig_rows)
+                          host_rows=rows, host_eligible=eligible, eligible_rows=elig_rows, joins=joins)
         return input_ids, positions, meta, batch
 
     @torch.inference_mode()
-    def forward(self, so: SchedulerOutput) -> ExitResult:
+    def forward(self, so: SchedulerOutput, rows_of: Optional[dict[str, RowState]] = None) -> ExitResult:
+        """The iteration's forward (``rows_of``: see :meth:`prepare`), then the stop-token rule of the
+        lossy exits: a row whose exit argmax is a stop token of its request (EOS unless
+        ``ignore_eos``, ``stop_token_ids``) is run again from its exit layer to the last layer (its
+        true K/V replace the KV fill), so stop tokens only come from the full model. Costs one
+        device->host read of the exited rows' argmax when rows exited."""
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not allocated yet (initialize_cache)")
-        input_ids, positions, meta, batch = self.prepare(so)
-        return forward_with_exits(self.model, self.heads, input_ids, positions, meta, self.kv_caches, batch)
+        input_ids, positions, meta, batch = self.prepare(so, rows_of)
+        result = forward_with_exits(self.model, self.heads, input_ids, positions, meta, self.kv_caches, batch)
+        if result.exited_rows:
+            self._rerun_stop_exits(so, rows_of, result)
+        return result
+
+    def _rerun_stop_exits(self, so: SchedulerOutput, rows_of, result: ExitResult) -> None:
+        dev = result.logits.device
+        plain = self._plain_rows(so, rows_of or {})  # only plain rows take lossy exits
+        exited = result.exited_rows
+        idx = host_to_device(exited, torch.long, dev)
+        top, depth = torch.stack([result.logits.index_select(0, idx).argmax(dim=-1),
+                                  result.exit_layers.index_select(0, idx)]).tolist()
+        again = []
+        for j, tok, d in zip(exited, top, depth):
+            sr = plain[j]
+            p = sr.sampling_params
+            if tok in p.stop_token_ids or (tok in sr.eos_token_ids and not p.ignore_eos):
+                again.append((j, sr, d))
+        if not again:
+            return
+        sub = SchedulerOutput(scheduled=[sr for _, sr, _ in again])
+        rows = {sr.request_id: RowState(depths=[d], hidden=[result.hidden[j]]) for j, sr, d in again}
+        input_ids, positions, meta, batch = self.prepare(sub, rows)
+        full = forward_with_exits(self.model, self.heads, input_ids, positions, meta, self.kv_caches, batch)
+        idx = host_to_device([j for j, _, _ in again], torch.long, dev)
+        result.logits.index_copy_(0, idx, full.logits)
+        result.exit_layers.index_fill_(0, idx, self.model_config.num_layers)
+
+    @staticmethod
+    def _plain_rows(so: SchedulerOutput, rows_of: dict[str, RowState]) -> dict[int, "ScheduledRequest"]:
+        """Sample row -> request for the requests sampled the plain way (one row each)."""
+        out, j = {}, 0
+        for sr in so.scheduled:
+            if sr.request_id in rows_of:
+                j += len(rows_of[sr.request_id].depths)
+            elif sr.sample:
+                out[j] = sr
+                j += 1
+        return out
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         """Run one iteration; returns the sampled tokens on the driver rank, None elsewhere.
 
-        A failure of the forward raises; a failure while sampling one request's row is reported in
-        ``ModelRunnerOutput.failed`` (that request gets no token, the others do). The sampling step
-        makes one device->host transfer (tokens, exit layers and logprobs together).
+        Requests scheduled with ``num_draft_tokens > 0`` draft first and are verified in the
+        iteration's forward (:mod:`cluster.worker.spec_decode`); they report their verified tokens in
+        ``ModelRunnerOutput.spec_token_ids``. A failure of the forward raises; a failure while
+        sampling one request's row is reported in ``ModelRunnerOutput.failed`` (that request gets no
+        token, the others do). The plain sampling step makes one device->host transfer (tokens, exit
+        layers and logprobs together).
         """
         states = self.sampling_states
         for rid in so.finished_req_ids:
             states.drop(rid)
         if so.is_empty:
             return ModelRunnerOutput() if self.is_driver else None
-        result = self.forward(so)
+        if self.kv_cache is None:
+            raise RuntimeError("the KV cache is not allocated yet (initialize_cache)")
+        spec = [sr for sr in so.scheduled if sr.num_draft_tokens]
+        rows_of = self.spec_decoder.draft(spec) if spec else None
+        result = self.forward(so, rows_of)
         if not self.is_driver:
             return None
-        logits = result.logits
+        logits, exit_layers = result.logits, result.exit_layers
         dev, vocab = logits.device, logits.shape[1]
+        out = ModelRunnerOutput()
+        if rows_of:
+            first, j = {}, 0
+            for sr in so.scheduled:
+                if sr.request_id in rows_of:
+                    first[sr.request_id] = j
+                    j += len(rows_of[sr.request_id].depths)
+                elif sr.sample:
+                    j += 1
+            out.spec_token_ids, out.spec_exit_layers, out.failed = self.spec_decoder.accept(
+                spec, rows_of, logits, first)
+            out.num_drafts = {rid: len(rs.drafts) for rid, rs in rows_of.items()}
+            plain = self._plain_rows(so, rows_of)
+            if not plain:
+                return out
+            idx = host_to_device(list(plain), torch.long, dev)
+            logits, exit_layers = logits.index_select(0, idx), exit_layers.index_select(0, idx)
         for sr in so.scheduled:
             if sr.prompt_token_ids is not None and sr.sampling_params.uses_penalties:
                 states.add_prompt(sr.request_id, sr.prompt_token_ids, vocab, dev)
-        sampled = [sr for sr in so.scheduled if sr.sample]
+        sampled = [sr for sr in so.scheduled if sr.sample and not (rows_of and sr.request_id in rows_of)]
         rids = [sr.request_id for sr in sampled]
         params = [sr.sampling_params for sr in sampled]
         gens = [states.generator(sr.request_id, sr.sampling_params.seed, dev) for sr in sampled]
         history, slots = states.history(rids)
-        out = sample(logits, params, gens, history=history,
+        res = sample(logits, params, gens, history=history,
                      num_output_tokens=[sr.num_output_tokens for sr in sampled],
                      eos_token_ids=[sr.eos_token_ids for sr in sampled],
                      guided_bitmasks=[sr.guided_bitmask for sr in sampled])
-        states.append(history, slots, out.token_ids, out.failed)
-        tokens, (layers,), logprobs = out.to_host(result.exit_layers)
-        ok = [i for i in range(len(sampled)) if i not in out.failed]
-        return ModelRunnerOutput(
-            sampled_token_ids={rids[i]: tokens[i] for i in ok},
-            exit_layers={rids[i]: layers[i] for i in ok},
-            logprobs={rids[i]: lp for i, lp in logprobs.items()},
-            failed={rids[i]: msg for i, msg in out.failed.items()},
-        )
+        states.append(history, slots, res.token_ids, res.failed)
+        tokens, (layers,), logprobs = res.to_host(exit_layers)
+        ok = [i for i in range(len(sampled)) if i not in res.failed]
+        out.sampled_token_ids = {rids[i]: tokens[i] for i in ok}
+        out.exit_layers = {rids[i]: layers[i] for i in ok}
+        out.logprobs = {rids[i]: lp for i, lp in logprobs.items()}
+        out.failed.update({rids[i]: msg for i, msg in res.failed.items()})
+        return out
