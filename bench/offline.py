@@ -17,6 +17,20 @@ Reported per (variant, batch):
   with KV fill a token never depends on its batch-mates;
 * ``agreement_free``: free-running: share of positions where the variant's own generated token equals
   the full model's (strict: one early difference changes every later position);
+* free-running quality against the full model's answer to the same prompt (greedy, same
+  ``--max-tokens``; :mod:`cluster.training.quality`): ``exact_match`` (share of answers identical
+  token for token), ``rouge_l`` (mean LCS F-measure, CALM's textual consistency), ``prefix_fraction``
+  (mean shared-prefix share) and ``nll_full``: the mean negative log-likelihood per token (nats) of
+  the variant's answers under the full model (transformers on the same checkpoint, ``--dtype``; the
+  ``full`` row's own answers are the baseline; ``--no-nll`` skips it). EOS is ignored here as for
+  speed, so every answer is ``--max-tokens`` long and tokens past the point where the model would
+  have stopped count too: quality of fixed-length continuations, not of the served answers;
+* ``--modes verified self_speculative``: one more variant per measure and mode (``ee-<measure>-<mode>``,
+  the lossless modes of ``ExitConfig.mode``; skipped with a note where ExitConfig has no ``mode``),
+  with ``acceptance_rate`` (accepted / drafted tokens) and ``tokens_per_verify`` (generated tokens
+  per verification pass) when the outputs carry ``num_draft_tokens``, ``num_accepted_tokens`` and
+  ``num_verify_steps``; their ``agreement_tf`` is None (lossless: every emitted token is the full
+  model's);
 * at batch 1: ``weight_GBps`` (weight bytes the token's forward reads: layers run, KV-fill
   projections of skipped layers, exit heads and classifiers checked, LM head) and
   ``bandwidth_fraction`` = that / the machine's measured read bandwidth (``torch.sum`` over 1 GiB).
@@ -26,6 +40,7 @@ exit head adapter, exit classifier): the per-check cost breakdown.
 
     python -m bench.offline --batch-sizes 1 4 16 32 --max-tokens 64 --hf
     python -m bench.offline --sweep 0.3 0.5 0.7 0.8 0.9 --batch-sizes 1 16    # speed vs agreement
+    python -m bench.offline --batch-sizes 1 4 16 --modes verified self_speculative   # + lossless modes
 """
 from __future__ import annotations
 
@@ -41,6 +56,9 @@ import torch
 from bench.common import load_prompts, print_table, save
 from bench.weights import weight_bytes_per_token
 from cluster import LLM, ExitConfig, SamplingParams
+from cluster.training.quality import answers_nll, load_hf_causal_lm, quality_report
+
+LOSSLESS = ("verified", "self_speculative")
 
 
 # ----------------------------------------------------------------------------------------- prompts
@@ -123,6 +141,61 @@ def run_hf(model, prompt_ids, batch: int, max_tokens: int):
         outs += y[:, width:].tolist()
     dt = time.perf_counter() - t0
     return outs, sum(map(len, outs)) / dt
+
+
+def mode_configs(configs: dict[str, ExitConfig], modes: list[str], notes: list[str]) -> dict[str, ExitConfig]:
+    """``ee-<measure>-<mode>`` -> ``replace(config, mode=mode)`` (none, with a note, where ExitConfig has
+    no ``mode`` field or a measure's config cannot take the mode)."""
+    if not modes:
+        return {}
+    if "mode" not in {f.name for f in dataclasses.fields(ExitConfig)}:
+        notes.append(f"--modes {modes} skipped: ExitConfig has no 'mode' field")
+        return {}
+    out = {}
+    for m, c in configs.items():
+        for mode in modes:
+            try:
+                out[f"ee-{m}-{mode}"] = dataclasses.replace(c, mode=mode)
+            except ValueError as e:
+                notes.append(f"ee-{m}-{mode} skipped: {e}")
+    return out
+
+
+def speculative_stats(outs, cfg: Optional[ExitConfig]) -> dict:
+    """``acceptance_rate`` and ``tokens_per_verify`` of a lossless mode's outputs (if they carry the counts)."""
+    if getattr(cfg, "mode", None) not in LOSSLESS:
+        return {}
+    counts = [(getattr(o, "num_draft_tokens", None), getattr(o, "num_accepted_tokens", None),
+               getattr(o, "num_verify_steps", None)) for o in outs]
+    if not counts or any(v is None for c in counts for v in c):
+        return {"acceptance_rate": None, "tokens_per_verify": None}
+    drafts, accepted, verifies = (sum(c[i] for c in counts) for i in range(3))
+    toks = sum(len(o.token_ids) for o in outs)
+    return {"acceptance_rate": round(accepted / drafts, 4) if drafts else None,
+            "tokens_per_verify": round(toks / verifies, 3) if verifies else None}
+
+
+class NLLCache:
+    """Mean NLL per token of answers under the full model (transformers), memoised per (prompt, answer)."""
+
+    def __init__(self, hf_model):
+        self.model, self.memo = hf_model, {}
+
+    def __call__(self, prompts, answers) -> list[float]:
+        keys = [(tuple(p), tuple(a)) for p, a in zip(prompts, answers)]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        for k, v in zip(todo, answers_nll(self.model, [k[0] for k in todo], [k[1] for k in todo])):
+            self.memo[k] = v
+        return [self.memo[k] for k in keys]
+
+
+def quality_columns(outs, ref, prompts, nll: Optional[NLLCache]) -> dict:
+    q = quality_report(outs, ref, nll=nll(prompts, outs) if nll is not None else None)
+    row = {"exact_match": round(q["exact_match_rate"], 4), "rouge_l": round(q["rouge_l"], 4),
+           "prefix_fraction": round(q["prefix_fraction"], 4)}
+    if "nll" in q:
+        row["nll_full"] = round(q["nll"], 4)
+    return row
 
 
 def free_agreement(a: list[list[int]], ref: list[list[int]]) -> float:
@@ -215,6 +288,10 @@ def main(argv=None):
     ap.add_argument("--measures", nargs="+", default=None, help="default: every calibrated measure")
     ap.add_argument("--policies", nargs="+", default=["paper", "per_sequence"])
     ap.add_argument("--hf", action="store_true", help="also run transformers generate")
+    ap.add_argument("--modes", nargs="*", default=[], choices=list(LOSSLESS),
+                    help="also these lossless modes (ExitConfig.mode), one variant per measure each")
+    ap.add_argument("--no-nll", action="store_true",
+                    help="skip nll_full (it loads the full model in transformers)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over all variants (interleaved); each variant reports its best round")
     ap.add_argument("--sweep", type=float, nargs="*", default=None,
@@ -240,13 +317,19 @@ def main(argv=None):
     if args.sweep is not None:
         return sweep(args, full, model, ec, texts, source, kw)
 
-    variants = {"full": (full, None)}
+    variants, notes = {"full": (full, None)}, []
     for m, c in configs.items():
         for policy in args.policies:
             variants[f"ee-{m}-{policy}"] = (LLM(args.model, early_exit=dataclasses.replace(c, policy=policy), **kw),
                                             dataclasses.replace(c, policy=policy))
+    for name, c in mode_configs(configs, args.modes, notes).items():
+        variants[name] = (LLM(args.model, early_exit=c, **kw), c)
+    for n in notes:
+        print(f"note: {n}")
     rows, hist, tf_cache = [], {}, {}
-    hf_model = load_hf(model_dir, args.dtype) if args.hf else None
+    hf_full = load_hf_causal_lm(args.model, args.dtype) if (args.hf or not args.no_nll) else None
+    hf_model = hf_full if args.hf else None
+    nll = NLLCache(hf_full) if hf_full is not None and not args.no_nll else None
     bw = read_bandwidth_gbps()
     print(f"measured read bandwidth: {bw:.1f} GB/s")
     for batch in args.batch_sizes:
@@ -267,8 +350,11 @@ def main(argv=None):
             outs, tps, mean_layer, counts = best[name]
             toks = [o.token_ids for o in outs]
             row = {"variant": name, "batch": batch, "tokens_per_s": round(tps, 2),
-                   "mean_exit_layer": round(mean_layer, 2), "agreement_free": round(free_agreement(toks, ref), 4)}
-            if cfg is not None:
+                   "mean_exit_layer": round(mean_layer, 2), "agreement_free": round(free_agreement(toks, ref), 4),
+                   **quality_columns(toks, ref, chat, nll), **speculative_stats(outs, cfg)}
+            if getattr(cfg, "mode", None) in LOSSLESS:
+                row["agreement_tf"] = None  # lossless: every emitted token is the full model's
+            elif cfg is not None:
                 key = (cfg.confidence, batch)
                 if key not in tf_cache:
                     tf_cache[key] = TeacherForced(model, cfg, chat, ref).stats(cfg)
@@ -285,7 +371,7 @@ def main(argv=None):
             outs, tps = best["hf-generate"][:2]
             rows.append({"variant": "hf-generate", "batch": batch, "tokens_per_s": round(tps, 2),
                          "mean_exit_layer": L, "agreement_free": round(free_agreement(outs, ref), 4),
-                         "agreement_tf": None})
+                         "agreement_tf": None, **quality_columns(outs, ref, chat, nll)})
             print(f"  batch {batch:3d}  {'hf-generate':28s} {tps:8.2f} tok/s", flush=True)
         full_tps = next(r["tokens_per_s"] for r in rows if r["variant"] == "full" and r["batch"] == batch)
         hf_tps = next((r["tokens_per_s"] for r in rows if r["variant"] == "hf-generate" and r["batch"] == batch), None)
@@ -297,14 +383,15 @@ def main(argv=None):
     costs = part_costs(model, variants[next(k for k in variants if k != "full")][0].engine.workers.local.runner.heads
                        if len(variants) > 1 else None)
     cols = ["variant", "batch", "tokens_per_s", "speedup_vs_full", "speedup_vs_hf", "mean_exit_layer",
-            "agreement_tf", "agreement_free", "weight_GBps", "bandwidth_fraction"]
+            "agreement_tf", "agreement_free", "exact_match", "rouge_l", "nll_full", "acceptance_rate",
+            "tokens_per_verify", "weight_GBps", "bandwidth_fraction"]
     print_table(rows, cols)
     print("per-part cost (ms per call):")
     print_table(costs, list(costs[0].keys()))
     path = save(args.name or "offline", {
         "args": vars(args), "prompts": source, "num_layers": L, "read_bandwidth_GBps": round(bw, 2),
         "exit_configs": {m: _cfg_json(c) for m, c in configs.items()}, "rows": rows,
-        "exit_layer_counts": hist, "part_costs_ms": costs})
+        "exit_layer_counts": hist, "part_costs_ms": costs, "notes": notes})
     print(f"saved {path}")
     for llm, _ in variants.values():
         llm.shutdown()
@@ -336,11 +423,12 @@ def sweep(args, full: LLM, model, ec: ExitConfig, texts, source, kw) -> None:
                          "threshold": "calibrated" if thr is None else thr, "tokens_per_s": round(tps, 2),
                          "speedup_vs_full": round(tps / full_tps, 3), "mean_exit_layer": round(mean_layer, 2),
                          "agreement": round(st["agreement"], 4),
-                         "agreement_free": round(free_agreement([o.token_ids for o in outs], ref), 4)})
+                         "agreement_free": round(free_agreement([o.token_ids for o in outs], ref), 4),
+                         **quality_columns([o.token_ids for o in outs], ref, chat, None)})
             print(f"  batch {batch:3d} threshold {rows[-1]['threshold']!s:10s} {tps:8.2f} tok/s "
                   f"x{rows[-1]['speedup_vs_full']:.2f}  agreement {st['agreement']:.4f}", flush=True)
     print_table(rows, ["variant", "batch", "threshold", "tokens_per_s", "speedup_vs_full", "mean_exit_layer",
-                       "agreement", "agreement_free"])
+                       "agreement", "agreement_free", "exact_match", "rouge_l"])
     path = save(args.name or "offline-sweep", {"args": vars(args), "prompts": source,
                                                "exit_config": _cfg_json(cfg), "rows": rows})
     print(f"saved {path}")

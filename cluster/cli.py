@@ -24,12 +24,19 @@ def _stats(exit_layers: list[int], num_layers: int) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from cluster import LLM, ExitConfig, SamplingParams
-    from cluster.engine.factory import MODEL_DEFAULT
+    from cluster import LLM, SamplingParams
+    from cluster.engine.factory import MODEL_DEFAULT, model_exit_config_with
 
     early_exit = MODEL_DEFAULT
+    overrides = dict(mode=args.exit_mode, draft_layer=args.draft_layer, num_draft_tokens=args.num_draft_tokens,
+                     adaptive_drafts=args.adaptive_drafts)
     if args.no_early_exit:
+        if any(v is not None for v in overrides.values()):
+            raise ValueError("--exit-mode, --draft-layer, --num-draft-tokens and --[no-]adaptive-drafts need early "
+                             "exit (not --no-early-exit)")
         early_exit = None
+    elif any(v is not None for v in overrides.values()):
+        early_exit = model_exit_config_with(args.model, **overrides)  # the model's exit config, fields replaced
     llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, early_exit=early_exit, dtype=args.dtype,
               device=args.device, gpu_memory_utilization=args.gpu_memory_utilization, quantization=args.quantization,
               torch_compile=args.torch_compile)
@@ -48,7 +55,14 @@ def cmd_generate(args) -> int:
         stats.update(num_tokens=len(out.token_ids), finish_reason=out.finish_reason, seconds=round(dt, 3),
                      tokens_per_s=round(len(out.token_ids) / dt, 2),
                      exit_config=None if ec is None else {"exit_layers": list(ec.exit_layers), "head": ec.head,
-                                                          "confidence": ec.confidence, "threshold": ec.threshold})
+                                                          "confidence": ec.confidence, "threshold": ec.threshold,
+                                                          "mode": ec.mode or ec.policy,
+                                                          "draft_layer": ec.default_draft_layer,
+                                                          "num_draft_tokens": ec.num_draft_tokens})
+        if out.num_verify_steps:  # a lossless mode ran
+            stats.update(num_draft_tokens=out.num_draft_tokens, num_accepted_tokens=out.num_accepted_tokens,
+                         acceptance_rate=None if out.acceptance_rate is None else round(out.acceptance_rate, 3),
+                         tokens_per_verify=round(out.tokens_per_verify, 3))
         print(json.dumps(stats, indent=None if args.compact else 2), file=sys.stderr)
     finally:
         llm.shutdown()
@@ -67,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--threshold", type=float, default=None, help="override the exit confidence threshold")
     g.add_argument("--no-early-exit", action="store_true", help="run the full model")
+    g.add_argument("--exit-mode", default=None, choices=["paper", "per_sequence", "verified", "self_speculative"],
+                   help="early-exit mode (default: the model's exit config's); verified and self_speculative are "
+                        "lossless: the full model's output, exits only speed it up")
+    g.add_argument("--draft-layer", type=int, default=None,
+                   help="self_speculative: the exit layer whose head drafts (default: the first exit layer)")
+    g.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="lossless modes: drafts per verification (default: the exit config's, 4)")
+    g.add_argument("--adaptive-drafts", action=argparse.BooleanOptionalAction, default=None,
+                   help="self_speculative: draft only as many tokens as the measured acceptance pays for "
+                        "(--no-adaptive-drafts: always --num-draft-tokens; default: the exit config's)")
     g.add_argument("--raw", action="store_true", help="use the prompt as is (no chat template)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

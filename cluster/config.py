@@ -226,6 +226,13 @@ class ExitConfig:
             exit layer; with ``head='trained'`` it must be one of ``exit_layers``).
         num_draft_tokens: drafts per verification (``self_speculative``: exactly this many, fewer only
             near ``max_tokens``; ``verified``: at most this many).
+        draft_vocab: drafts use the FR-Spec reduced-vocabulary LM head (Zhao et al., arXiv 2502.14856)
+            when ``heads_path`` holds one (``frspec.token_ids``, written by ``eeserve train-exits``):
+            a draft then reads ``N / V`` of the LM head (verification always uses the full head).
+        adaptive_drafts: ``self_speculative`` drafts as many tokens (0 to ``num_draft_tokens``) as its
+            measured acceptance pays for, by a cost model of the draft (:mod:`cluster.core.draft_control`),
+            so the mode is not slower than the full model on a model whose early layers predict
+            badly; False: always ``num_draft_tokens`` (LayerSkip's fixed setting).
         spec_max_batch: speculation runs only while at most this many sequences decode in the
             iteration; larger batches verify at full depth without drafts (a large batch is compute-
             bound, where drafting costs more than it saves; vLLM's ``speculative_disable_by_batch_size``).
@@ -242,6 +249,8 @@ class ExitConfig:
     draft_layer: Optional[int] = None
     num_draft_tokens: int = 4
     spec_max_batch: int = 8
+    draft_vocab: bool = True
+    adaptive_drafts: bool = True
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in EXIT_MODES:
@@ -319,12 +328,16 @@ class SpecParams:
 
     ``mode``: ``verified`` or ``self_speculative``; ``draft_layer``: the forced exit layer of
     ``self_speculative`` drafts (None for ``verified``); ``num_draft_tokens``: drafts per
-    verification (exact for ``self_speculative``, a cap for ``verified``).
+    verification (at most; with ``adaptive`` ``self_speculative`` picks fewer, or none, when its
+    acceptance does not pay for them: :mod:`cluster.core.draft_control`); ``draft_cost``: one draft's
+    cost as a fraction of a full decode step.
     """
 
     mode: str
     draft_layer: Optional[int]
     num_draft_tokens: int
+    draft_cost: float = 0.5
+    adaptive: bool = True
 
     def __post_init__(self):
         if self.mode not in LOSSLESS_MODES:

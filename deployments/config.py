@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cluster.engine.protocol import MAX_DRAFT_TOKENS
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "EESERVE_API_KEY"
@@ -39,6 +41,16 @@ class ServeArgs(BaseModel):
     max_model_len: Optional[int] = Field(None, ge=2)
     early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")
     exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")
+    exit_mode: Optional[Literal["paper", "per_sequence", "verified", "self_speculative"]] = Field(
+        None, description="default early-exit mode of requests (replaces the model's exit config's mode); None: the "
+                          "model's. verified / self_speculative are lossless: the full model's output")
+    draft_layer: Optional[int] = Field(None, ge=1, description="self_speculative: the drafting exit layer; None: the "
+                                                                "model's (its first exit layer)")
+    num_draft_tokens: Optional[int] = Field(
+        None, ge=1, le=MAX_DRAFT_TOKENS, description="lossless modes: drafts per verification; None: the model's (4)")
+    adaptive_drafts: Optional[bool] = Field(
+        None, description="self_speculative: draft only as many tokens as the measured acceptance pays for (False: "
+                          "always num_draft_tokens); None: the model's exit config's (True)")
     block_size: int = Field(16, ge=1)
     num_blocks: Optional[int] = Field(None, ge=1)
     kv_cache_memory_bytes: int = Field(1 << 30, ge=1, description="KV cache budget on CPU")
@@ -77,7 +89,8 @@ class ServeArgs(BaseModel):
     health_timeout_s: float = Field(0.5, gt=0, description="GET /health answers 503 if no replica answers in time")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header of 503 answers (overloaded, no engine)")
 
-    @field_validator("model", "served_model_name", "api_key", mode="before")
+    @field_validator("model", "served_model_name", "api_key", "exit_mode", "draft_layer", "num_draft_tokens",
+                     "adaptive_drafts", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v in ("", "None", "none", "null") else v
@@ -105,7 +118,31 @@ class ServeArgs(BaseModel):
     def _replicas(cls, v):
         return None if v in ("", "None", "none", "null") else v
 
+    @model_validator(mode="after")
+    def _exit_settings_need_exits(self):
+        if not self.early_exit:
+            given = [k for k in ("exit_mode", "draft_layer", "num_draft_tokens", "adaptive_drafts")
+                     if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{given[0]}: needs early_exit true (early_exit false serves the full model)")
+        return self
+
     # ------------------------------------------------------------------------------ derived
+    def exit_config(self):
+        """The engine's ``early_exit`` argument: None (full model), the model's own exit config
+        (``MODEL_DEFAULT``), or, with ``exit_mode`` / ``draft_layer`` / ``num_draft_tokens`` /
+        ``adaptive_drafts``, the model's exit config with those fields replaced (``mode`` for
+        ``exit_mode``; reads the model's config files)."""
+        from cluster.engine.factory import MODEL_DEFAULT, model_exit_config_with
+
+        if not self.early_exit:
+            return None
+        over = dict(mode=self.exit_mode, draft_layer=self.draft_layer, num_draft_tokens=self.num_draft_tokens,
+                    adaptive_drafts=self.adaptive_drafts)
+        if all(v is None for v in over.values()):
+            return MODEL_DEFAULT
+        return model_exit_config_with(self.model, **over)
+
     @property
     def model_name(self) -> str:
         """The served model name: explicit, else the model path's basename (without ``.gguf``)."""
@@ -149,10 +186,8 @@ class ServeArgs(BaseModel):
 
     def engine_kwargs(self, device: str) -> dict:
         """Keyword arguments of :func:`cluster.engine.factory.create_engine` (placement group added by the replica)."""
-        from cluster.engine.factory import MODEL_DEFAULT
-
         return dict(model=self.model, tensor_parallel_size=self.tensor_parallel_size,
-                    early_exit=MODEL_DEFAULT if self.early_exit else None, dtype=self.dtype,
+                    early_exit=self.exit_config(), dtype=self.dtype,
                     max_model_len=self.max_model_len, block_size=self.block_size, num_blocks=self.num_blocks,
                     kv_cache_memory_bytes=self.kv_cache_memory_bytes,
                     gpu_memory_utilization=self.gpu_memory_utilization,

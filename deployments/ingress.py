@@ -120,7 +120,7 @@ class OpenAIIngress:
         if asked is not None and req.min_tokens > asked:
             raise OpenAIError(400, f"min_tokens: must not exceed max_tokens ({asked})", param="min_tokens")
         max_tokens = asked or max(self.args.default_max_tokens or default_max or self.max_model_len, req.min_tokens)
-        threshold = req.exit_threshold()
+        exit_fields = req.engine_exit_fields()
         out = []
         for i, ids in enumerate(prompts):
             for j in range(req.n):
@@ -128,7 +128,7 @@ class OpenAIIngress:
                 sp = req.sampling_params(max_tokens, sample=j)
                 try:
                     er = EngineRequest(request_id=f"{rid}-{index}", prompt_token_ids=ids, sampling_params=sp,
-                                       exit_threshold=threshold, max_tokens_is_default=asked is None)
+                                       max_tokens_is_default=asked is None, **exit_fields)
                 except ValidationError as e:
                     raise validation_error(e) from None
                 out.append((ChoiceState(index, i, ids, prefixes[i] if prefixes else ""), er))
@@ -169,6 +169,7 @@ class OpenAIIngress:
             _cancel(stream)
             raise map_error(first, prompt_param)
         choice.replica = getattr(first, "replica", "") or ""
+        choice.exit_mode = getattr(first, "exit_mode", None)  # set by LLMServer on the first delta
         return _Stream(choice, first, stream)
 
     async def _start(self, pairs: list[tuple[ChoiceState, EngineRequest]],
@@ -195,8 +196,10 @@ class OpenAIIngress:
                 if isinstance(item, BaseException):
                     reason = "error"
                     raise map_error(item)
-                c.add(item)
+                before = c.spec_totals
+                c.add(item)  # a delta may carry several (verified) tokens
                 self.metrics.tokens(item.new_exit_layers)
+                self.metrics.speculation(*(a - b for a, b in zip(c.spec_totals, before)))
                 if item.finished:
                     reason = item.finish_reason or "stop"
                     if item.finish_reason == "error":

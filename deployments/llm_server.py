@@ -107,6 +107,7 @@ class LLMServer:
                         first = False
                         try:
                             out.replica = self.replica_id  # read by the ingress (x-eeserve-replica header)
+                            out.exit_mode = self.exit_mode_of(req)  # the response's early_exit.mode
                         except AttributeError:  # a slotted RequestOutput: no header then
                             pass
                     yield out
@@ -115,12 +116,23 @@ class LLMServer:
         finally:
             self._active.pop(req.request_id, None)
 
+    def exit_mode_of(self, req: EngineRequest):
+        """The early-exit mode ``req`` runs: None (the full model), its own mode, the exit config's
+        mode, else the exit config's lossy policy."""
+        ec = self.engine.engine.exit_config
+        if ec is None or (req.exit_threshold is not None and req.exit_threshold > 1.0):
+            return None
+        return req.exit_mode or ec.mode or ec.policy
+
     async def model_info(self) -> dict:
         mc = self.engine.model_config
         ec = self.engine.engine.exit_config
         return {"num_layers": mc.num_layers, "max_model_len": mc.max_model_len, "vocab_size": mc.vocab_size,
                 "exit_layers": list(ec.exit_layers) if ec else [], "exit_threshold":
                     (self.default_threshold if self.default_threshold is not None else (ec.threshold if ec else None)),
+                "exit_mode": (ec.mode or ec.policy) if ec else None,
+                "draft_layer": ec.default_draft_layer if ec else None,
+                "num_draft_tokens": ec.num_draft_tokens if ec else None,
                 "replica": self.replica_id}
 
     # ------------------------------------------------------------------------------ introspection

@@ -58,6 +58,15 @@ class IngressMetrics:
                                          "(stop, length, abort, error).", m + ["finish_reason"], registry=r)
         self.prompt_tokens = Counter("eeserve_prompt_tokens", "Prompt tokens of started requests.", m, registry=r)
         self.generated_tokens = Counter("eeserve_generated_tokens", "Generated tokens.", m, registry=r)
+        self.spec_draft_tokens = Counter("eeserve_spec_draft_tokens", "Lossless early exit (verified, "
+                                         "self_speculative): draft tokens proposed.", m, registry=r)
+        self.spec_accepted_tokens = Counter("eeserve_spec_accepted_tokens", "Lossless early exit: draft tokens "
+                                            "the full model confirmed.", m, registry=r)
+        self.spec_verify_steps = Counter("eeserve_spec_verify_steps", "Lossless early exit: verification "
+                                         "iterations (each verifies drafts and adds the full model's token).", m,
+                                         registry=r)
+        for c in (self.spec_draft_tokens, self.spec_accepted_tokens, self.spec_verify_steps):
+            c.labels(model)  # exported at 0 before the first lossless request
         self.exit_layer = Histogram("eeserve_exit_layer", "Decoder layers run per generated token "
                                     f"({num_layers} = full model).", m, registry=r,
                                     buckets=[l + 0.5 for l in range(1, num_layers)] + [math.inf])
@@ -85,6 +94,14 @@ class IngressMetrics:
             h = self.exit_layer.labels(self.model)
             for layer in layers:
                 h.observe(layer)
+
+    def speculation(self, num_draft_tokens: int, num_accepted_tokens: int, num_verify_steps: int) -> None:
+        """Increments of one choice's lossless-mode totals (from one delta)."""
+        for counter, n in ((self.spec_draft_tokens, num_draft_tokens),
+                           (self.spec_accepted_tokens, num_accepted_tokens),
+                           (self.spec_verify_steps, num_verify_steps)):
+            if n > 0:
+                counter.labels(self.model).inc(n)
 
     def ended(self, finish_reason: str, arrival: float, first_token: Optional[float], num_tokens: int) -> None:
         """One choice ended (``arrival``/``first_token``: ``time.monotonic()`` in the ingress)."""

@@ -81,6 +81,8 @@ class ChoiceState:
         self.first_token: Optional[float] = None
         self.replica = ""
         self.text_offset = 0  # completions logprobs: characters of the choice text so far
+        self.exit_mode: Optional[str] = None  # the mode the replica ran (set from its first delta)
+        self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0  # lossless modes, totals
 
     def add(self, d: RequestOutput) -> None:
         if d.new_token_ids and self.first_token is None:
@@ -92,9 +94,18 @@ class ChoiceState:
             self.logprobs += d.new_logprobs
         self.num_prompt_tokens = d.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens, self.num_layers = d.num_cached_tokens, d.num_layers or self.num_layers
+        # running totals (a delta may carry several verified tokens); never lower them
+        self.num_draft_tokens = max(self.num_draft_tokens, d.num_draft_tokens)
+        self.num_accepted_tokens = max(self.num_accepted_tokens, d.num_accepted_tokens)
+        self.num_verify_steps = max(self.num_verify_steps, d.num_verify_steps)
         if d.finished:
             self.finished, self.finish_reason, self.stop_reason, self.error = (True, d.finish_reason, d.stop_reason,
                                                                                d.error)
+
+    @property
+    def spec_totals(self) -> tuple[int, int, int]:
+        """(drafts proposed, drafts accepted, verification iterations) so far."""
+        return self.num_draft_tokens, self.num_accepted_tokens, self.num_verify_steps
 
     @property
     def stop_reason_json(self):
@@ -139,7 +150,7 @@ def completion_logprobs(tt: TokenText, choice: ChoiceState, entries: list[TokenL
 
 def usage_and_stats(choices: list[ChoiceState], num_layers: int) -> tuple[Usage, EarlyExitStats]:
     """Usage (prompt tokens counted once per prompt, completion tokens over all choices) and the
-    early-exit statistics of all generated tokens."""
+    early-exit statistics of all generated tokens (draft totals summed over the choices)."""
     per_prompt: dict[int, ChoiceState] = {}
     for c in choices:
         per_prompt.setdefault(c.prompt_index, c)
@@ -150,4 +161,8 @@ def usage_and_stats(choices: list[ChoiceState], num_layers: int) -> tuple[Usage,
     num_layers = next((c.num_layers for c in choices if c.num_layers), num_layers)
     return (Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n,
                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)),
-            EarlyExitStats.from_layers(num_layers, layers))
+            EarlyExitStats.from_layers(num_layers, layers, mode=next((c.exit_mode for c in choices if c.exit_mode),
+                                                                     None),
+                                       num_draft_tokens=sum(c.num_draft_tokens for c in choices),
+                                       num_accepted_tokens=sum(c.num_accepted_tokens for c in choices),
+                                       num_verify_steps=sum(c.num_verify_steps for c in choices)))

@@ -2,8 +2,10 @@
 
 Requests: ``/v1/completions`` and ``/v1/chat/completions`` with OpenAI's sampling fields, vLLM's
 extras (``top_k``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``) and
-``early_exit`` (``false``: full model; ``{"threshold": x}``: per-request threshold; absent or
-``true``: the server's default). Unknown fields are rejected (400), never silently ignored. Errors
+``early_exit`` (``false``: full model; absent or ``true``: the server's default; an object
+``{"mode", "threshold", "draft_layer", "num_draft_tokens"}``, every key optional: this request's
+mode (``paper`` / ``per_sequence`` lossy, ``verified`` / ``self_speculative`` lossless), threshold
+and draft settings). Unknown fields are rejected (400), never silently ignored. Errors
 are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}`` raised as
 :class:`OpenAIError`. The mapping to the engine (:class:`cluster.sampling.SamplingParams`) is here;
 what the engine checks against the model (context length, vocabulary, schemas) is not repeated.
@@ -19,7 +21,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from cluster.engine.protocol import FULL_MODEL_THRESHOLD, EngineRequest
+from cluster.engine.protocol import FULL_MODEL_THRESHOLD, MAX_DRAFT_TOKENS, EngineRequest
 from cluster.sampling import GuidedDecodingParams, SamplingParams
 
 MAX_N = 16  # choices per prompt
@@ -74,9 +76,23 @@ class ErrorResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------- requests
+ExitMode = Literal["paper", "per_sequence", "verified", "self_speculative"]
+EXIT_MODES = ("paper", "per_sequence", "verified", "self_speculative")
+LOSSLESS_MODES = ("verified", "self_speculative")
+EARLY_EXIT_KEYS = ("mode", "threshold", "draft_layer", "num_draft_tokens")
+
+
 class EarlyExitOption(BaseModel):
+    """A request's early-exit settings (every key optional; absent: the server's default)."""
+
     model_config = ConfigDict(extra="forbid")
-    threshold: float = Field(ge=0.0, le=1.0, description="confidence threshold of this request's exits")
+    mode: Optional[ExitMode] = Field(
+        None, description="paper / per_sequence: lossy exits; verified / self_speculative: lossless (the full "
+                          "model's output, exits only speed it up)")
+    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="confidence threshold of this request's exits")
+    draft_layer: Optional[int] = Field(None, ge=1, description="self_speculative: the layer whose exit head drafts")
+    num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS,
+                                            description="lossless modes: drafts per verification")
 
 
 class StreamOptions(BaseModel):
@@ -115,20 +131,41 @@ class ResponseFormat(BaseModel):
 
 
 def _early_exit(v):
-    """``early_exit``: a bool or ``{"threshold": x}`` with a message that names the bad part."""
+    """``early_exit``: a bool or ``{"mode", "threshold", "draft_layer", "num_draft_tokens"}`` (all
+    optional), with a message that names the bad key."""
     if v is None or isinstance(v, (bool, EarlyExitOption)):
         return v
     if not isinstance(v, dict):
-        raise PydanticCustomError("early_exit", "early_exit: must be true, false or {\"threshold\": x} with x in [0, 1]")
-    unknown = sorted(set(v) - {"threshold"})
+        raise PydanticCustomError("early_exit", "early_exit: must be true, false or an object with keys "
+                                                f"{', '.join(EARLY_EXIT_KEYS)}")
+    unknown = sorted(set(v) - set(EARLY_EXIT_KEYS))
     if unknown:
-        raise PydanticCustomError("early_exit", f"early_exit.{unknown[0]}: unknown key (only 'threshold')")
+        raise PydanticCustomError("early_exit", f"early_exit.{unknown[0]}: unknown key (allowed: "
+                                                f"{', '.join(EARLY_EXIT_KEYS)})")
+    mode = v.get("mode")
+    if mode is not None and mode not in EXIT_MODES:
+        raise PydanticCustomError("early_exit", f"early_exit.mode: must be one of {', '.join(EXIT_MODES)}, "
+                                                f"got {mode!r}"[:300])
     t = v.get("threshold")
-    if isinstance(t, bool) or not isinstance(t, (int, float)):
-        raise PydanticCustomError("early_exit", "early_exit.threshold: required, a number in [0, 1]")
-    if not 0.0 <= t <= 1.0:
-        raise PydanticCustomError("early_exit", f"early_exit.threshold: must be in [0, 1], got {t}")
-    return EarlyExitOption(threshold=t)
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise PydanticCustomError("early_exit", "early_exit.threshold: must be a number in [0, 1]")
+        if not 0.0 <= t <= 1.0:
+            raise PydanticCustomError("early_exit", f"early_exit.threshold: must be in [0, 1], got {t}")
+    for key, hi in (("draft_layer", None), ("num_draft_tokens", MAX_DRAFT_TOKENS)):
+        k = v.get(key)
+        if k is None:
+            continue
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise PydanticCustomError("early_exit", f"early_exit.{key}: must be an integer")
+        if k < 1 or (hi is not None and k > hi):
+            rng = f"in [1, {hi}]" if hi is not None else ">= 1"
+            raise PydanticCustomError("early_exit", f"early_exit.{key}: must be {rng}, got {k}")
+        if mode is not None and mode not in LOSSLESS_MODES:
+            raise PydanticCustomError("early_exit", f"early_exit.{key}: only with mode 'verified' or "
+                                                    f"'self_speculative', not {mode!r}")
+    return EarlyExitOption(mode=mode, threshold=t, draft_layer=v.get("draft_layer"),
+                           num_draft_tokens=v.get("num_draft_tokens"))
 
 
 class _GenerationRequest(BaseModel):
@@ -154,7 +191,9 @@ class _GenerationRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
     response_format: Optional[ResponseFormat] = None
-    early_exit: Union[bool, EarlyExitOption, None] = Field(None, description="false: full model; {threshold}")
+    early_exit: Union[bool, EarlyExitOption, None] = Field(
+        None, description="false: full model; true or absent: the server's default; an object: this request's "
+                          "mode, threshold, draft_layer, num_draft_tokens (absent keys: the server's)")
     user: Optional[str] = None
 
     @field_validator("early_exit", mode="before")
@@ -198,6 +237,12 @@ class _GenerationRequest(BaseModel):
         if isinstance(self.early_exit, EarlyExitOption):
             return self.early_exit.threshold
         return None
+
+    def engine_exit_fields(self) -> dict:
+        """The :class:`EngineRequest` early-exit fields of this request (None: the server's default)."""
+        o = self.early_exit if isinstance(self.early_exit, EarlyExitOption) else None
+        return {"exit_threshold": self.exit_threshold(), "exit_mode": o.mode if o else None,
+                "draft_layer": o.draft_layer if o else None, "num_draft_tokens": o.num_draft_tokens if o else None}
 
     def num_logprobs(self) -> Optional[int]:
         """SamplingParams.logprobs: None (off) or the number of top alternatives."""
@@ -351,16 +396,30 @@ class VersionResponse(BaseModel):
 
 
 class EarlyExitStats(BaseModel):
+    """Exit statistics of a response's generated tokens (all choices together)."""
+
     num_layers: int
     mean_exit_layer: float
     exit_layer_counts: dict[str, int]
+    mode: Optional[str] = Field(None, description="the early-exit mode used (null: the full model)")
+    num_draft_tokens: int = Field(0, description="lossless modes: drafts proposed")
+    num_accepted_tokens: int = Field(0, description="lossless modes: drafts the full model confirmed")
+    acceptance_rate: Optional[float] = Field(None, description="accepted / proposed drafts (null without drafts)")
+    tokens_per_verify: Optional[float] = Field(
+        None, description="verified tokens per verification iteration, (accepted + iterations) / iterations "
+                          "(null without verification)")
 
     @classmethod
-    def from_layers(cls, num_layers: int, layers: list[int]) -> "EarlyExitStats":
+    def from_layers(cls, num_layers: int, layers: list[int], mode: Optional[str] = None, num_draft_tokens: int = 0,
+                    num_accepted_tokens: int = 0, num_verify_steps: int = 0) -> "EarlyExitStats":
         counts = Counter(layers)
         mean = sum(layers) / len(layers) if layers else float(num_layers)
         return cls(num_layers=num_layers, mean_exit_layer=mean,
-                   exit_layer_counts={str(k): counts[k] for k in sorted(counts)})
+                   exit_layer_counts={str(k): counts[k] for k in sorted(counts)}, mode=mode,
+                   num_draft_tokens=num_draft_tokens, num_accepted_tokens=num_accepted_tokens,
+                   acceptance_rate=num_accepted_tokens / num_draft_tokens if num_draft_tokens else None,
+                   tokens_per_verify=((num_accepted_tokens + num_verify_steps) / num_verify_steps
+                                      if num_verify_steps else None))
 
 
 class PromptTokensDetails(BaseModel):

@@ -23,13 +23,38 @@ def test_offline_bench_writes_rows_for_every_variant(tiny_model_dir, tmp_path, m
     for r in data["rows"]:
         assert r["tokens_per_s"] > 0 and 1 <= r["mean_exit_layer"] <= data["num_layers"]
         assert 0.0 <= r["agreement_tf"] <= 1.0 and 0.0 <= r["agreement_free"] <= 1.0
+        assert 0.0 <= r["exact_match"] <= 1.0 and 0.0 <= r["rouge_l"] <= 1.0 and r["nll_full"] > 0
+        assert r["exact_match"] <= r["rouge_l"] and r["prefix_fraction"] <= r["rouge_l"] + 1e-9
         if r["variant"] == "full":
             assert r["agreement_tf"] == 1.0 and r["agreement_free"] == 1.0 and r["speedup_vs_full"] == 1.0
+            assert r["exact_match"] == 1.0 and r["rouge_l"] == 1.0
     # KV fill: the batch size never changes a variant's tokens, so free-running agreement is batch-invariant
     by = {(r["variant"], r["batch"]): r["agreement_free"] for r in data["rows"]}
     assert all(by[(v, 1)] == by[(v, 2)] for v in variants)
     assert data["read_bandwidth_GBps"] > 0 and data["part_costs_ms"][0]["lm_head_ms"] > 0
     assert any(int(k) < data["num_layers"] for k in data["exit_layer_counts"]["ee-max_prob-per_sequence@1"])
+
+
+def test_offline_mode_variants_and_speculative_stats():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from bench.offline import mode_configs, speculative_stats
+    from cluster.config import ExitConfig
+
+    notes = []
+    base = ExitConfig(exit_layers=(2, 4))
+    got = mode_configs({"max_prob": base}, ["verified", "self_speculative"], notes)
+    if "mode" not in {f.name for f in dataclasses.fields(ExitConfig)}:
+        assert got == {} and notes  # no modes yet: skipped with a note, the bench still runs
+        return
+    assert {n: c.mode for n, c in got.items()} == {"ee-max_prob-verified": "verified",
+                                                   "ee-max_prob-self_speculative": "self_speculative"}
+    outs = [SimpleNamespace(token_ids=[1] * 6, num_draft_tokens=4, num_accepted_tokens=3, num_verify_steps=2),
+            SimpleNamespace(token_ids=[1] * 6, num_draft_tokens=4, num_accepted_tokens=1, num_verify_steps=4)]
+    assert speculative_stats(outs, got["ee-max_prob-verified"]) == {"acceptance_rate": 0.5, "tokens_per_verify": 2.0}
+    assert speculative_stats(outs, base) == {}  # lossy policies report none
+    assert speculative_stats([SimpleNamespace(token_ids=[1])], got["ee-max_prob-verified"])["acceptance_rate"] is None
 
 
 @pytest.mark.timeout(120)

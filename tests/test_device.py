@@ -306,7 +306,7 @@ def test_kv_plan_arithmetic():
     gib = 1 << 30
     # 80 GiB GPU, 0.9 of it: 72 - 16 (weights) - 2 (activations) = 54 GiB of KV
     r = memory.plan(80 * gib, 62 * gib, 16 * gib, 2 * gib, 0.9, 2 << 20)
-    assert r.kv_cache_bytes == r.num_blocks * (2 << 20) and r.num_blocks == 54 * gib // (2 << 20) - 1
+    assert r.kv_cache_bytes == 54 * gib and r.num_blocks == 54 * gib // (2 << 20)
     # another process holds memory: never more than what is free (minus the activation peak)
     assert memory.kv_cache_bytes(80 * gib, 20 * gib, 16 * gib, 2 * gib, 0.9) == 18 * gib
     with pytest.raises(ValueError, match="gpu_memory_utilization=0.2: no room for the KV cache"):
@@ -335,9 +335,9 @@ def test_kv_cache_sized_from_device_memory(tiny_model_dir, monkeypatch, caplog):
                   debug_default_device="meta")
     try:
         runner = llm.engine.workers.local.runner
-        expected = min(128 * mib - runner.weights_bytes, 192 * mib) // runner.block_bytes - 1
+        expected = min(128 * mib - runner.weights_bytes, 192 * mib) // runner.block_bytes
         assert llm.engine.num_blocks == runner.num_blocks == expected
-        assert runner.kv_cache.shape[2] == expected + 1  # + the trash block (ModelRunner.initialize_cache)
+        assert runner.kv_cache.shape[2] == expected
         rep = llm.engine.memory_report
         assert rep.weights_bytes == runner.weights_bytes and rep.kv_cache_bytes == expected * runner.block_bytes
         assert f"= {expected} blocks" in caplog.text and "weights" in caplog.text and "KV cache" in caplog.text

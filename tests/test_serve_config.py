@@ -58,6 +58,28 @@ def test_args_validation_and_names(monkeypatch):
     assert ServeArgs().resolved_api_key == "k1" and ServeArgs(api_key="k2").resolved_api_key == "k2"
 
 
+def test_server_default_exit_mode(tiny_model_dir):
+    """exit_mode / draft_layer / num_draft_tokens replace the fields of the model's own exit config."""
+    from cluster.engine.factory import MODEL_DEFAULT, model_exit_config
+
+    args = ServeArgs.model_validate({"model": tiny_model_dir, "exit_mode": "self_speculative", "draft_layer": "1",
+                                     "num_draft_tokens": "3", "adaptive_drafts": "false"})
+    ec, own = args.exit_config(), model_exit_config(tiny_model_dir, 6)
+    assert (ec.mode, ec.draft_layer, ec.num_draft_tokens, ec.adaptive_drafts) == ("self_speculative", 1, 3, False)
+    assert ec.exit_layers == own.exit_layers and ec.threshold == own.threshold
+    assert args.engine_kwargs("cpu")["early_exit"] == ec
+    assert ServeArgs(model=tiny_model_dir, exit_mode="per_sequence").exit_config().policy == "per_sequence"
+    assert ServeArgs(model=tiny_model_dir).exit_config() == MODEL_DEFAULT
+    assert ServeArgs(early_exit=False).exit_config() is None
+    assert ServeArgs.model_validate({"exit_mode": "none", "draft_layer": "null"}).exit_mode is None
+    for bad, name in (({"exit_mode": "fast"}, "exit_mode"), ({"num_draft_tokens": 17}, "num_draft_tokens"),
+                      ({"draft_layer": 0}, "draft_layer"), ({"early_exit": False, "exit_mode": "verified"}, "exit_mode")):
+        with pytest.raises(ValueError, match=name):
+            ServeArgs.model_validate(bad)
+    with pytest.raises(ValueError, match="draft_layer"):  # past the model's depth: refused at start-up
+        ServeArgs(model=tiny_model_dir, exit_mode="self_speculative", draft_layer=6).exit_config()
+
+
 def test_serve_yaml():
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema

@@ -21,7 +21,8 @@ def server(ray_session, tiny_model_dir):
     from deployments.testing import deploy
 
     url = deploy({"model": tiny_model_dir, "served_model_name": MODEL, "api_key": KEY, "replica_num_cpus": 0.1,
-                  "ingress_num_cpus": 0.05, "routing_stats_period_s": 0.5, "num_blocks": NUM_BLOCKS}, APP)
+                  "ingress_num_cpus": 0.05, "routing_stats_period_s": 0.5, "num_blocks": NUM_BLOCKS,
+                  "adaptive_drafts": False}, APP)  # the tiny model's drafts cost about a full step: draft anyway
     yield url
     serve.delete(APP)
 
@@ -146,6 +147,113 @@ def test_early_exit_field(client):
     assert default["num_layers"] == 6
 
 
+LOSSLESS = [{"mode": "verified"}, {"mode": "verified", "threshold": 0.0},
+            {"mode": "self_speculative", "draft_layer": 1, "num_draft_tokens": 3}]
+
+
+@pytest.mark.parametrize("opt", LOSSLESS, ids=["verified", "verified-t0", "self_speculative"])
+def test_lossless_modes_equal_the_full_model(client, opt):
+    """Greedy output of the lossless modes == the full model's, streamed and not, chat and completions;
+    a streamed delta may carry several verified tokens: text, usage and exit counts still add up."""
+    n = 16
+    spec = opt["mode"] == "self_speculative"
+
+    def ask(early_exit, stream=False, chat=True):
+        kw = dict(model=MODEL, temperature=0, max_tokens=n, extra_body={"ignore_eos": True, "early_exit": early_exit})
+        if stream:
+            kw["stream_options"] = {"include_usage": True}
+        if chat:
+            return client.chat.completions.create(messages=MESSAGES, stream=stream, **kw)
+        return client.completions.create(prompt="The quick brown fox", stream=stream, **kw)
+
+    def check_stats(s: dict):
+        check_ee(s, n)
+        assert s["mode"] == opt["mode"]
+        assert 0 <= s["num_accepted_tokens"] <= s["num_draft_tokens"]
+        if spec:
+            assert s["num_draft_tokens"] > 0
+        if s["num_draft_tokens"]:
+            assert s["acceptance_rate"] == pytest.approx(s["num_accepted_tokens"] / s["num_draft_tokens"])
+            assert 1.0 <= s["tokens_per_verify"] <= 1 + opt.get("num_draft_tokens", 16)
+        else:
+            assert s["acceptance_rate"] is None
+
+    for chat in (True, False):
+        full = ask(False, chat=chat)
+        fs = ee(full)
+        assert fs["mode"] is None and fs["num_draft_tokens"] == 0 and fs["acceptance_rate"] is None
+        assert fs["tokens_per_verify"] is None
+        text = (lambda r: r.choices[0].message.content) if chat else (lambda r: r.choices[0].text)
+        r = ask(opt, chat=chat)
+        assert text(r) == text(full) and r.usage.completion_tokens == n
+        check_stats(ee(r))
+        chunks = list(ask(opt, stream=True, chat=chat))
+        pieces = [(c.choices[0].delta.content or "") if chat else c.choices[0].text for c in chunks if c.choices]
+        assert "".join(pieces) == text(full)
+        if ee(chunks[-1])["num_accepted_tokens"]:  # accepted drafts arrive with their verifying step's token
+            assert sum(1 for p in pieces if p) < n
+        last = chunks[-1]
+        assert last.choices == [] and last.usage.completion_tokens == n
+        assert last.usage.prompt_tokens == full.usage.prompt_tokens
+        check_stats(ee(last))
+
+
+def test_lossless_mode_with_logprobs_streams_every_token(client):
+    """Logprobs run a lossless request at full depth: one log-probability per token, same text."""
+    kw = dict(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=10, logprobs=1)
+    full = client.completions.create(extra_body={"ignore_eos": True, "early_exit": False}, **kw)
+    opt = {"mode": "self_speculative", "draft_layer": 1}
+    chunks = list(client.completions.create(stream=True, extra_body={"ignore_eos": True, "early_exit": opt}, **kw))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert len(tokens) == 10 and "".join(tokens) == full.choices[0].text
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert full.choices[0].logprobs.tokens == tokens
+
+
+@pytest.mark.parametrize("early_exit,message", [
+    ({"speed": 2}, r"early_exit\.speed: unknown key"),
+    ({"mode": "fast"}, r"early_exit\.mode: must be one of"),
+    ({"mode": "self_speculative", "draft_layer": 0}, r"early_exit\.draft_layer: must be >= 1"),
+    ({"mode": "verified", "num_draft_tokens": 99}, r"early_exit\.num_draft_tokens: must be in \[1, 16\]"),
+    ({"mode": "paper", "draft_layer": 1}, r"early_exit\.draft_layer: only with mode"),
+    ({"threshold": "high"}, r"early_exit\.threshold"),
+    ({"mode": "self_speculative", "draft_layer": 6}, r"early_exit\.draft_layer: must be in \[1, 5\]"),  # engine
+    ({"draft_layer": 2}, r"draft_layer and num_draft_tokens need mode"),  # engine: the server's mode is lossy
+])
+def test_early_exit_errors_through_client(client, early_exit, message):
+    import re
+
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"early_exit": early_exit})
+    err = info.value.response.json()["error"]
+    assert err["param"] == "early_exit" and err["type"] == "invalid_request_error"
+    assert re.search(message, err["message"]), err["message"]
+
+
+def test_metrics_count_speculation(server, client):
+    def scrape() -> str:
+        return httpx.get(f"{server}/metrics", timeout=30).text
+
+    def metric(text: str, name: str) -> float:
+        return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + "{"))
+
+    names = ("eeserve_spec_draft_tokens_total", "eeserve_spec_accepted_tokens_total",
+             "eeserve_spec_verify_steps_total")
+    before = scrape()
+    assert all(n in before for n in names)
+    r = client.completions.create(model=MODEL, prompt="Hello there", temperature=0, max_tokens=12, extra_body={
+        "ignore_eos": True, "early_exit": {"mode": "self_speculative", "draft_layer": 1, "num_draft_tokens": 3}})
+    s = ee(r)
+    after = scrape()
+    diff = {n: metric(after, n) - metric(before, n) for n in names}
+    assert diff["eeserve_spec_draft_tokens_total"] == s["num_draft_tokens"] > 0
+    assert diff["eeserve_spec_accepted_tokens_total"] == s["num_accepted_tokens"]
+    assert diff["eeserve_spec_verify_steps_total"] >= 1
+
+
 def test_chat_default_max_tokens_fills_the_kv_cache(client):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
                                        extra_body={"ignore_eos": True})
@@ -181,6 +289,15 @@ ERRORS = [
      "context_length_exceeded"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 450}, None, 400, "max_tokens", None),  # > KV
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "early_exit": {"threshold": 3}}, None, 400,
+     "early_exit", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "early_exit": {"mode": "verified", "speed": 2}}, None, 400,
+     "early_exit", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "early_exit": {"mode": "fast"}}, None, 400, "early_exit",
+     None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "early_exit": {"mode": "self_speculative",
+                                                                                   "draft_layer": 0}}, None, 400,
+     "early_exit", None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "early_exit": {"num_draft_tokens": 99}}, None, 400,
      "early_exit", None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, None, 400,
      "stream_options", None),

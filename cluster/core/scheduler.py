@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Union
 
 from cluster.config import CacheConfig, SchedulerConfig
 from cluster.core.block_manager import BlockManager
+from cluster.core.draft_control import DraftLengthController
 from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from cluster.request import Request, RequestStatus
 
@@ -34,6 +35,7 @@ class Scheduler:
                  spec_max_batch: int = 8):
         self.config = scheduler_config
         self.spec_max_batch = spec_max_batch
+        self.draft_control = DraftLengthController()
         self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -157,7 +159,7 @@ class Scheduler:
         if spec is None or n != 1 or req.num_computed_tokens < req.num_prompt_tokens or not req.num_output_tokens:
             return 0
         room = min(req.sampling_params.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens)
-        return max(0, min(spec.num_draft_tokens, room - 1, budget - n))
+        return self.draft_control.num_drafts(req, max(0, min(spec.num_draft_tokens, room - 1, budget - n)))
 
     def _make_scheduled(self, req: Request, n: int, k: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -250,6 +252,7 @@ class Scheduler:
         req.num_draft_tokens += runner_output.num_drafts.get(req.request_id, 0)
         req.num_accepted_tokens += len(tokens) - 1
         req.num_verify_steps += 1
+        req.num_spec_rejections += len(tokens) - 1 < runner_output.num_drafts.get(req.request_id, 0)
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params

@@ -90,6 +90,7 @@ class LLMEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._guided_factory = None
+        self._draft_rows: Optional[int] = None  # rows of the drafts' LM head (FR-Spec), read once
         self.eos_token_ids = tuple(model_config.eos_token_ids) or (
             (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
 
@@ -175,6 +176,33 @@ class LLMEngine:
         self.resolve_spec(req)
         return req
 
+    # fixed cost of one extra forward pass (metadata, embedding, syncs), as a fraction of a decode step;
+    # bench/speed.py measured the fixed step cost at about 0.15 of an int4 batch-1 step on our CPUs
+    DRAFT_PASS_OVERHEAD = 0.1
+
+    def draft_cost(self, draft_layer: Optional[int]) -> float:
+        """A draft's cost as a fraction of a full decode step (memory-bound decode: weight bytes read):
+        layers ``1..draft_layer`` plus the draft's LM head (the FR-Spec reduced head if the exit heads
+        have one), over all layers plus the LM head, plus :attr:`DRAFT_PASS_OVERHEAD`."""
+        mc = self.model_config
+        if draft_layer is None:  # verified: drafts are the exit computation itself
+            return self.DRAFT_PASS_OVERHEAD
+        bpp = {"none": mc.dtype_bytes, "int8": 1.0, "int4": 0.5 + 4.0 / mc.quant_group_size}[mc.quantization]
+        head_bpp = mc.dtype_bytes if mc.quantization == "none" else 1.0
+        h, d = mc.hidden_size, mc.head_dim
+        layer = bpp * (2 * h * mc.num_heads * d + 2 * h * mc.num_kv_heads * d + 3 * h * mc.intermediate_size)
+        rows = mc.vocab_size
+        ec = self.exit_config
+        if ec is not None and ec.draft_vocab and ec.heads_path:
+            if self._draft_rows is None:
+                from cluster.model.frspec import load_draft_vocab
+
+                ids = load_draft_vocab(ec.heads_path)
+                self._draft_rows = mc.vocab_size if ids is None else int(ids.numel())
+            rows = self._draft_rows
+        full = mc.num_layers * layer + mc.vocab_size * h * head_bpp
+        return (draft_layer * layer + rows * h * head_bpp) / full + self.DRAFT_PASS_OVERHEAD
+
     def resolve_spec(self, req: EngineRequest) -> tuple[Optional[SpecParams], Optional[float]]:
         """The request's lossless mode and exit threshold: ``(SpecParams or None, threshold)``.
 
@@ -201,7 +229,7 @@ class LLMEngine:
             if ec is None or not ec.exit_layers:
                 raise InvalidRequestError("early_exit", "early_exit.mode: 'verified' needs exit layers; this "
                                           "engine runs the full model")
-            spec = SpecParams("verified", None, k)
+            spec = SpecParams("verified", None, k, self.draft_cost(None))
         else:
             e = req.draft_layer or (ec.default_draft_layer if ec is not None else None) or max(1, L // 4)
             if not 1 <= e < L:
@@ -209,7 +237,8 @@ class LLMEngine:
             if ec is not None and ec.head == "trained" and e not in ec.exit_layers:
                 raise InvalidRequestError("early_exit", f"early_exit.draft_layer: {e} has no trained exit head; "
                                           f"choose one of {list(ec.exit_layers)}")
-            spec = SpecParams("self_speculative", e, k)
+            spec = SpecParams("self_speculative", e, k, self.draft_cost(e),
+                              adaptive=ec.adaptive_drafts if ec is not None else True)
         if sp.uses_penalties or sp.guided_decoding is not None or sp.logprobs is not None:
             return None, FULL_MODEL_THRESHOLD
         return spec, thr

@@ -93,6 +93,27 @@ def model_exit_config(model_dir: str, num_layers: int) -> ExitConfig:
     return ExitConfig.default_for(num_layers)
 
 
+def model_exit_config_with(model: Optional[str], **overrides) -> ExitConfig:
+    """The model's own exit config (:func:`model_exit_config`) with ``overrides`` (ExitConfig fields
+    whose value is not None, e.g. ``mode``, ``draft_layer``, ``num_draft_tokens``) replaced.
+
+    Raises:
+        ValueError: the replaced config is invalid (e.g. ``mode='verified'`` without exit layers, a
+            ``draft_layer`` not below the model's depth).
+    """
+    from cluster.model.loader import load_hf_config, resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    num_layers = ModelConfig.from_hf_config(load_hf_config(model_dir)).num_layers
+    ec = model_exit_config(model_dir, num_layers)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    ec = dataclasses.replace(ec, **changes) if changes else ec
+    if ec.draft_layer is not None and ec.draft_layer >= num_layers:
+        raise ValueError(f"draft_layer: must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
+                         f"got {ec.draft_layer}")
+    return ec
+
+
 def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 

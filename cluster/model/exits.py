@@ -18,7 +18,7 @@ row exits), so every tensor-parallel rank takes the same exit decision.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -135,6 +135,23 @@ class ExitHeads(nn.Module):
                     self.classifiers[str(layer)] = _load_prefixed(clf, state, f"exit_classifiers.{layer}.").to(dtype)
         # per exit layer: the threshold that replaces the config's default threshold
         self.layer_thresholds = {l: cfg.threshold_for(l) for l in cfg.exit_layers}
+        # FR-Spec reduced-vocabulary head for drafts (cluster.model.frspec), if the heads file has one
+        self.draft_head = None
+        if cfg.draft_vocab and cfg.heads_path:
+            from cluster.model.frspec import ReducedLMHead, load_draft_vocab
+
+            ids = load_draft_vocab(cfg.heads_path)
+            if ids is not None:
+                self.draft_head = ReducedLMHead.from_model(model, ids)
+
+    def draft_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """``[n, hidden]`` hidden states after ``layer`` layers -> ``[n, V]`` float32 logits of a draft:
+        the exit head, then the FR-Spec reduced head (-inf outside its vocabulary) if there is one,
+        else the full LM head."""
+        model = self.model[0]
+        if self.draft_head is None:
+            return model.lm_head.full_logits(self.local_logits(layer, h))
+        return self.draft_head.full_logits(model.model.norm(self.exit_state(layer, h)))
 
     def local_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """``[n, hidden]`` hidden states after ``layer`` layers -> ``[n, V_local]`` float32 logits."""
@@ -217,20 +234,18 @@ class ExitBatch:
 
 @dataclass
 class Join:
-    """Token rows whose first ``depth`` layers already ran (K/V of those layers in the cache, hidden
-    state ``states`` kept): they join the forward at layer ``depth + 1``.
+    """Token rows whose first ``depth`` layers already ran (their K/V of those layers are in the
+    cache, ``states`` is their hidden state there): tokens ``start .. start + num_rows - 1`` of the
+    batch, which join the forward at layer ``depth + 1``.
 
-    Until then they ride along (their rows are computed, the result is dropped) and write their K/V
-    to ``slot_mapping``, which maps them to the KV cache's trash slot (a slot no block table holds),
-    so their cached K/V of the first ``depth`` layers stay intact. ``slot_mapping`` is the whole
-    iteration's ``[T]`` mapping for the layers before this join: the rows of this and of every deeper
-    join point at the trash slot.
+    Rows that join later come first in the batch (deepest first), so at every layer the rows that
+    run are a suffix of the batch; until they join, rows neither compute nor write K/V.
     """
 
     depth: int
-    rows: torch.Tensor  # [n] long: token indices in the flattened batch
-    states: torch.Tensor  # [n, hidden] hidden states after ``depth`` layers
-    slot_mapping: torch.Tensor  # [T] long
+    start: int  # first token index (host)
+    num_rows: int
+    states: torch.Tensor  # [num_rows, hidden] hidden states after ``depth`` layers
 
 
 @dataclass
@@ -292,27 +307,40 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     compute_rows, compute_meta = None, None  # None: compute all rows
     stopped = False  # every token exited: the remaining layers only fill K/V
     num_checks = 0
-    joins = batch.joins
-    layer_meta = meta
-    if joins:
-        if meta.num_decodes:  # build the shared decode mask once, before the per-stage copies
-            meta.decode_mask(kv_caches[0].shape[2])
-        layer_meta = replace(meta, slot_mapping=joins[0].slot_mapping)
+    joins = batch.joins  # shallowest first
+    waiting = sum(j.num_rows for j in joins)  # rows [0, waiting) have not joined yet
+    if joins and meta.num_decodes:  # the shared decode mask, built once before the suffix views
+        meta.decode_mask(kv_caches[0].shape[2])
     stage = 0
     hidden = None  # [S, hidden] raw hidden state at each exit
     for i, layer in enumerate(layers):
-        while stage < len(joins) and joins[stage].depth == i:  # drafts join with their kept states
-            h = h.index_copy(0, joins[stage].rows, joins[stage].states)
+        while stage < len(joins) and joins[stage].depth == i:  # rows join with their kept states
+            jn = joins[stage]
+            h = torch.cat([h[:jn.start], jn.states, h[jn.start + jn.num_rows:]])
+            waiting -= jn.num_rows
             stage += 1
-            layer_meta = meta if stage == len(joins) else replace(meta, slot_mapping=joins[stage].slot_mapping)
         if stopped:
             layer.fill_kv(h, positions, meta.slot_mapping, kv_caches[i])
             continue
-        out = layer(h, positions, layer_meta, kv_caches[i], compute_rows, compute_meta)
-        if compute_rows is not None:
-            h = h.index_copy(0, compute_rows, out)
+        if waiting == T:  # nothing runs at this layer: every row joins deeper
+            continue
+        if waiting:  # only the suffix runs; rows that never exit lead, so shifted indices stay valid
+            u = waiting
+            hs = h[u:]
+            cr = None if compute_rows is None else compute_rows[u:] - u
+            out = layer(hs, positions[u:], meta.suffix(u), kv_caches[i], cr,
+                        None if compute_meta is None else compute_meta.suffix(u))
+            if cr is not None:
+                hs = hs.index_copy(0, cr, out)
+            else:
+                hs = torch.where(exited_mask[u:], hs, out) if exited_mask is not None else out
+            h = torch.cat([h[:u], hs])
         else:
-            h = torch.where(exited_mask, h, out) if exited_mask is not None else out
+            out = layer(h, positions, meta, kv_caches[i], compute_rows, compute_meta)
+            if compute_rows is not None:
+                h = h.index_copy(0, compute_rows, out)
+            else:
+                h = torch.where(exited_mask, h, out) if exited_mask is not None else out
         depth = i + 1
         if depth not in exit_at or not pending:
             continue

@@ -35,96 +35,116 @@ from cluster.model.llama import LlamaForCausalLM
 
 @dataclass
 class DraftResult:
-    """One drafting pass over ``n`` decode rows (see :func:`draft_forward`)."""
+    """One drafting pass over ``n`` requests' newest rows and ``P`` pending rows (see :func:`draft_forward`)."""
 
-    depths: list[int]  # host: layers each row ran (the depth of its kept hidden state)
-    drafted: list[bool]  # host: the row's exit produced a draft token
-    hidden: torch.Tensor  # [n, hidden] hidden state after ``depths[i]`` layers
+    depths: list[int]  # host, per newest row: layers it ran (the depth of its kept hidden state)
+    drafted: list[bool]  # host, per newest row: its exit produced a draft token
+    hidden: torch.Tensor  # [n, hidden] newest rows' hidden states after ``depths[i]`` layers
     logits: torch.Tensor  # [n, V] float32 exit logits (rows with drafted[i] False: undefined)
+    pending_depths: list[int]  # host, per pending row: its depth after the pass
+    pending_hidden: torch.Tensor  # [P, hidden] pending rows' hidden states at that depth
 
 
 def exit_logits(model: LlamaForCausalLM, heads: Optional[ExitHeads], layer: int, h: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary float32 logits ``[n, V]`` of the exit head at ``layer`` for ``h: [n, hidden]``:
-    the trained head of that layer if there is one, else the shared final norm + LM head (LayerSkip)."""
-    if heads is not None and str(layer) in heads.heads:
-        return model.lm_head.full_logits(heads.local_logits(layer, h))
+    """Full-vocabulary float32 logits ``[n, V]`` of a draft at ``layer`` for ``h: [n, hidden]``: the
+    trained head of that layer if there is one, else the shared final norm (LayerSkip), then the
+    FR-Spec reduced head if the exit heads have one, else the LM head (:meth:`ExitHeads.draft_logits`)."""
+    if heads is not None:
+        return heads.draft_logits(layer, h)
     return model.lm_head.full_logits(model.final_local_logits(h))
 
 
 def draft_forward(model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids: torch.Tensor,
                   positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor],
-                  forced: Sequence[int], thresholds: torch.Tensor, stop_depth: Sequence[int]) -> DraftResult:
-    """Run ``n`` decode rows (``meta`` has no prefill) from layer 1 until each row drafts or stops.
+                  forced: Sequence[int], thresholds: torch.Tensor, stop_depth: Sequence[int],
+                  pending_owner: Sequence[int] = (), pending_depth: Sequence[int] = (),
+                  pending_states: Optional[torch.Tensor] = None) -> DraftResult:
+    """One drafting pass: ``n`` requests' newest rows run from layer 1 until each drafts or stops, and
+    the requests' pending rows (earlier drafts whose layers are not complete) ride along.
 
-    Row ``i`` drafts at layer ``forced[i]`` if that is > 0 (``self_speculative``), else at its first
-    exit layer whose exit test passes with threshold ``thresholds[i]`` (NaN: the exit config's,
-    ``verified``); it stops without a draft at ``stop_depth[i]``. A row writes the K/V of the layers
-    it runs only (no KV fill). Rows leave the batch as they finish. Host syncs: one per exit layer
-    checked (the pass mask), as :func:`~cluster.model.exits.forward_with_exits`.
+    Rows: ``P`` pending rows first, then the ``n`` newest rows (``meta`` covers the ``P + n`` rows,
+    all decode rows). Newest row ``i`` drafts at layer ``forced[i]`` if that is > 0
+    (``self_speculative``), else at its first exit layer whose exit test passes with threshold
+    ``thresholds[i]`` (NaN: the exit config's, ``verified``); it stops without a draft at
+    ``stop_depth[i]``. Pending row ``r`` of request ``pending_owner[r]``, at depth
+    ``pending_depth[r]`` with hidden state ``pending_states[r]``, runs the layers past its depth
+    while its request is in the pass (AdaDecode's overlap: a draft's remaining layers share the
+    weight reads of the next token's layers). A row writes the K/V of the layers it runs only (no
+    KV fill). Host syncs: one per exit layer checked (the pass mask).
 
     Args:
-        input_ids, positions: ``[n]`` long on the model's device.
-        thresholds: ``[n]`` float32.
+        input_ids: ``[n]`` long; positions: ``[P + n]`` long; thresholds: ``[n]`` float32.
 
     Returns:
         :class:`DraftResult`.
     """
     layers = model.model.layers
     n = input_ids.shape[0]
+    P = len(pending_owner)
+    R = P + n
     dev = input_ids.device
     exit_at = set(heads.cfg.exit_layers) if heads is not None else set()
-    h = model.model.embed_tokens(input_ids)
-    hidden = h.new_empty(n, h.shape[1])
+    H = model.model.embed_tokens(input_ids)
+    if P:
+        H = torch.cat([pending_states.to(H.dtype), H])
+    owner = list(pending_owner) + list(range(n))
+    join = list(pending_depth) + [0] * n
+    depth_of = list(join)
     logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=dev)
+    hidden = H.new_empty(n, H.shape[1])
     depths, drafted = [0] * n, [False] * n
-    active = list(range(n))  # host: original row of each row of ``h``
-    cur_pos, cur_meta, cur_thr = positions, meta, thresholds
+    alive = [True] * n
+    act_prev, act_dev, meta_act, pos_act = None, None, meta, positions
     for i in range(max(stop_depth)):
-        h = layers[i](h, cur_pos, cur_meta, kv_caches[i])
+        act = [r for r in range(R) if alive[owner[r]] and join[r] <= i]
+        if act != act_prev:
+            whole = len(act) == R
+            act_dev = None if whole else host_to_device(act, torch.long, dev)
+            meta_act = meta if whole else meta.select_decodes(act_dev, len(act))
+            pos_act = positions if whole else positions.index_select(0, act_dev)
+            act_prev = act
+        out = layers[i](H if act_dev is None else H.index_select(0, act_dev), pos_act, meta_act, kv_caches[i])
+        if act_dev is None:
+            H = out
+        else:
+            H = H.index_copy(0, act_dev, out)
         d = i + 1
-        exiting = [k for k, r in enumerate(active) if forced[r] == d]
-        check = [k for k, r in enumerate(active) if not forced[r] and d in exit_at]
+        for r in act:
+            depth_of[r] = d
+        live = [q for q in range(n) if alive[q]]
+        exiting = [q for q in live if forced[q] == d]
+        check = [q for q in live if not forced[q] and d in exit_at]
         local_rows: dict[int, int] = {}
         local = None
         if check:
-            whole = len(check) == len(active)
-            idx = None if whole else host_to_device(check, torch.long, dev)
-            ok, local = heads.decide(d, h if whole else h.index_select(0, idx),
-                                     cur_thr if whole else cur_thr.index_select(0, idx))
-            passed = ok.tolist()  # the one device->host sync of this exit layer
-            for j, (k, p) in enumerate(zip(check, passed)):
-                if p:
-                    exiting.append(k)
-                    local_rows[k] = j
-        stopping = [k for k, r in enumerate(active) if stop_depth[r] == d and k not in exiting]
-        leaving = sorted(exiting + stopping)
+            idx = host_to_device([P + q for q in check] + check, torch.long, dev).split(len(check))
+            ok, local = heads.decide(d, H.index_select(0, idx[0]), thresholds.index_select(0, idx[1]))
+            for j, (q, passed) in enumerate(zip(check, ok.tolist())):  # the one sync of this exit layer
+                if passed:
+                    exiting.append(q)
+                    local_rows[q] = j
+        leaving = sorted(set(exiting) | {q for q in live if stop_depth[q] == d})
         if not leaving:
             continue
-        rows = [active[k] for k in leaving]
         if exiting:
             exiting.sort()
-            ex_rows = [active[k] for k in exiting]
-            idx = host_to_device(exiting + ex_rows, torch.long, dev).split(len(exiting))
-            if local is not None and len(local_rows) == len(exiting):  # softmax measures: logits exist
-                lj = host_to_device([local_rows[k] for k in exiting], torch.long, dev)
-                lg = model.lm_head.full_logits(local.index_select(0, lj))
+            idx = host_to_device([P + q for q in exiting] + exiting, torch.long, dev).split(len(exiting))
+            if local is not None and len(local_rows) == len(exiting) and heads.draft_head is None:  # logits exist
+                lg = model.lm_head.full_logits(local.index_select(0, host_to_device(
+                    [local_rows[q] for q in exiting], torch.long, dev)))
             else:
-                lg = exit_logits(model, heads, d, h.index_select(0, idx[0]))
+                lg = exit_logits(model, heads, d, H.index_select(0, idx[0]))
             logits.index_copy_(0, idx[1], lg)
-            for r in ex_rows:
-                drafted[r] = True
-        idx = host_to_device(leaving + rows, torch.long, dev).split(len(leaving))
-        hidden.index_copy_(0, idx[1], h.index_select(0, idx[0]))
-        for r in rows:
-            depths[r] = d
-        keep = [k for k in range(len(active)) if k not in set(leaving)]
-        if not keep:
+            for q in exiting:
+                drafted[q] = True
+        idx = host_to_device([P + q for q in leaving] + leaving, torch.long, dev).split(len(leaving))
+        hidden.index_copy_(0, idx[1], H.index_select(0, idx[0]))
+        for q in leaving:
+            depths[q] = d
+            alive[q] = False
+        if not any(alive):
             break
-        keep_dev = host_to_device(keep, torch.long, dev)
-        h, cur_pos, cur_thr = h.index_select(0, keep_dev), cur_pos.index_select(0, keep_dev), cur_thr.index_select(0, keep_dev)
-        cur_meta = cur_meta.select_decodes(keep_dev, len(keep))
-        active = [active[k] for k in keep]
-    return DraftResult(depths, drafted, hidden, logits)
+    return DraftResult(depths, drafted, hidden, logits, depth_of[:P], H[:P])
 
 
 def accept_greedy(drafts: Sequence[int], targets: Sequence[int]) -> list[int]:

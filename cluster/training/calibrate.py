@@ -9,6 +9,11 @@ model's greedy output, the emitted token *agrees* when it equals the full model'
 search: starting from "never exit", it repeatedly lowers one exit layer's threshold (or enables a
 layer) choosing the move with the best compute saved per extra disagreement, while the
 constraint holds. Layers it never enables are dropped from the exit config.
+
+Free-running target (``eeserve calibrate --metric rouge_l``): :func:`search_blend` raises those
+thresholds toward 1.0 (:func:`blend_thresholds`) by the least amount at which the early-exit answers'
+ROUGE-L against the full model's answers meets the target (generation is the caller's, see
+:func:`cluster.training.pipeline.calibrate_config`).
 """
 from __future__ import annotations
 
@@ -182,3 +187,53 @@ def oracle_stats(pred: ExitPredictions, cost: CostModel) -> dict:
     frac = float(c.mean() / cost.full)
     return {"exit_fraction": float((first < E).mean()), "mean_exit_layer": float(layer.mean()),
             "compute_fraction": frac, "speedup": 1.0 / frac}
+
+
+# ------------------------------------------------------------------- free-running ROUGE-L target
+def blend_thresholds(thresholds: dict[int, float], alpha: float) -> dict[int, float]:
+    """Every threshold moved a share ``alpha`` of the way to 1.0: ``t + alpha * (1 - t)``."""
+    return {l: float(t + alpha * (1.0 - t)) for l, t in thresholds.items()}
+
+
+@dataclass(frozen=True)
+class BlendSearch:
+    """Result of :func:`search_blend`: ``alpha`` (None: no blend meets the target, disable exits),
+    the score there (``value``), and every ``(alpha, score)`` evaluated, in order."""
+
+    alpha: Optional[float]
+    value: Optional[float]
+    history: tuple[tuple[float, float], ...]
+
+
+def search_blend(score, target: float, steps: int = 4) -> BlendSearch:
+    """The least ``alpha`` in [0, 1] with ``score(alpha) >= target``, by bisection.
+
+    ``score(alpha)`` is a free-running quality of the exit config whose thresholds are
+    :func:`blend_thresholds` of the agreement-calibrated ones (e.g. ROUGE-L against the full model's
+    answers, CALM's textual consistency); it is assumed to rise (roughly) with alpha, as higher
+    thresholds let fewer tokens exit. ``score(0)`` is tried first (met: keep the calibrated
+    thresholds), then ``score(1)`` (missed: None), then ``steps`` bisection steps, keeping the
+    lowest alpha seen to meet the target: ``2 + steps`` evaluations at most.
+    """
+    history = []
+
+    def ev(a: float) -> float:
+        v = float(score(a))
+        history.append((a, v))
+        return v
+
+    v0 = ev(0.0)
+    if v0 >= target:
+        return BlendSearch(0.0, v0, tuple(history))
+    v1 = ev(1.0)
+    if v1 < target:
+        return BlendSearch(None, None, tuple(history))
+    lo, hi, best = 0.0, 1.0, v1
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        v = ev(mid)
+        if v >= target:
+            hi, best = mid, v
+        else:
+            lo = mid
+    return BlendSearch(hi, best, tuple(history))

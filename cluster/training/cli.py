@@ -64,6 +64,9 @@ def add_train_exits_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=t.negatives, help="sampled negative tokens per step")
     p.add_argument("--classifier-width", type=int, default=t.classifier_width)
     p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="FR-Spec draft vocabulary: store the N ids most frequent in the model's own training answers "
+                        "(plus EOS) in the heads file, for reduced-vocabulary exit/draft LM heads (0: none; default 8192)")
     p.add_argument("--no-calibrate", action="store_true")
     p.add_argument("--summary", default=None, help="also write the run summary as JSON here")
     p.set_defaults(func=run_train_exits)
@@ -86,6 +89,13 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
                    help="search for target + z * binomial standard error on the calibration split, so the target "
                         "holds on unseen prompts (default 2.326, one-sided 99%%; 0: the bare target)")
     p.add_argument("--work-dir", default=None, help="cache directory of train-exits (default: $EESERVE_CACHE_DIR/exit-training/<model>)")
+    p.add_argument("--metric", choices=["agreement", "rouge_l"], default="agreement",
+                   help="agreement (default): teacher-forced token agreement >= --target; rouge_l: free-running "
+                        "ROUGE-L of the early-exit answers against the full model's answers on the calibration "
+                        "prompts >= --target (CALM's textual consistency; its lower bound with --z standard errors), "
+                        "by raising the agreement-calibrated thresholds toward 1.0 (generates once per search step)")
+    p.add_argument("--search-steps", type=int, default=4,
+                   help="--metric rouge_l: bisection steps of the threshold raise (default 4; 2 + steps generations)")
     p.add_argument("--summary", default=None, help="also write the calibration result as JSON here")
     p.set_defaults(func=run_calibrate)
     return p
@@ -120,7 +130,8 @@ def run_train_exits(args) -> int:
                              full_vocab=args.full_vocab, negatives=args.negatives,
                              classifier_width=args.classifier_width, seed=args.seed)
     summary = train_exits(args.model, args.output, args.name, args.exit_layers, data, settings, args.work_dir,
-                          calibrate=not args.no_calibrate, target=args.target, progress=not args.quiet, log=_log)
+                          calibrate=not args.no_calibrate, target=args.target, progress=not args.quiet, log=_log,
+                          draft_vocab_size=args.draft_vocab_size)
     _write_summary(args.summary, summary)
     return 0
 
@@ -137,7 +148,7 @@ def run_calibrate(args) -> int:
                          "or pass --config")
     result = calibrate_config(config, model=args.model, target=args.target, measure=args.measure, z=args.z,
                               per_layer=not args.single_threshold, work_dir=args.work_dir,
-                              progress=not args.quiet, log=_log)
+                              progress=not args.quiet, log=_log, metric=args.metric, search_steps=args.search_steps)
     _write_summary(args.summary, result)
     return 0
 

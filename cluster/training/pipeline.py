@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cluster.config import ExitConfig, ModelConfig
+from cluster.model.frspec import DRAFT_VOCAB_KEY
 from cluster.training.data import (GenerationCache, Prompt, default_prompts_dir, generate_answers, load_prompts,
                                    prompts_digest, split_prompts)
 from cluster.training.train import TrainSettings, candidate_vocab, train_exit_layer
@@ -89,7 +90,9 @@ class Workspace:
         from cluster.llm import LLM
 
         return LLM(self.model_dir, early_exit=None, max_num_seqs=self.data.max_num_seqs,
-                   max_num_batched_tokens=max(2048, self.data.max_num_seqs * 16))
+                   max_num_batched_tokens=max(2048, self.data.max_num_seqs * 16),
+                   kv_cache_memory_bytes=kv_cache_bytes(self.model_config,
+                                                        [512 + self.data.max_new_tokens] * self.data.max_num_seqs))
 
     def sequences(self, splits: tuple[str, ...], progress: bool = True) -> dict:
         """Greedy answers for the prompts of ``splits`` (generated once, all splits in one batch run)."""
@@ -119,6 +122,13 @@ class Workspace:
         return feats
 
 
+def kv_cache_bytes(mc: ModelConfig, seq_lens: list[int], cap: int = 1 << 30) -> int:
+    """A CPU KV cache (float32) for sequences of ``seq_lens`` tokens, twice the need, 16 MiB to ``cap``:
+    the engine's 1 GiB default takes seconds to allocate, which small models and test runs feel."""
+    need = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 4 * sum(n + 32 for n in seq_lens)
+    return int(min(cap, max(16 << 20, 2 * need)))
+
+
 def _heads_tensors(ckpts: dict[int, dict]) -> dict[str, torch.Tensor]:
     out = {}
     for layer, ck in sorted(ckpts.items()):
@@ -137,8 +147,14 @@ def read_heads_metadata(path: str) -> dict:
 def train_exits(model: Optional[str] = None, output_dir: Optional[str] = None, name: str = "",
                 exit_layers: Optional[tuple[int, ...]] = None, data: Optional[DataSettings] = None,
                 settings: Optional[TrainSettings] = None, work_dir: Optional[str] = None, calibrate: bool = True,
-                target: float = 0.95, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                target: float = 0.95, progress: bool = True, log: Callable[[str], None] = print,
+                draft_vocab_size: int = 8192) -> dict:
     """Train exit heads (+ classifiers) for ``model`` and write them with an exit config.
+
+    ``draft_vocab_size``: also store the FR-Spec subset of that many ids, the most frequent in the
+    training answers plus EOS (:func:`cluster.training.frspec.select_vocab`), under ``frspec.token_ids``
+    in the heads file, its coverage of the training and test answers in the ``frspec`` metadata
+    (0: none).
 
     Returns a summary: paths, timings, per-layer losses and agreement, calibration results.
     """
@@ -175,6 +191,12 @@ def train_exits(model: Optional[str] = None, output_dir: Optional[str] = None, n
     heads_path = os.path.join(output_dir, name + HEADS_FILE)
     config_path = os.path.join(output_dir, name + "exit_config.json")
     tensors = _heads_tensors(ckpts)
+    draft_vocab = _draft_vocab(seqs, mc, draft_vocab_size)
+    if draft_vocab is not None:
+        tensors[DRAFT_VOCAB_KEY], draft_info = draft_vocab
+        log(f"train-exits: draft vocabulary (FR-Spec) of {draft_info['size']} ids covers "
+            f"{draft_info['coverage_train']:.2%} of the training answers' tokens, {draft_info['coverage_test']:.2%} "
+            f"of the test answers'")
     eval_seqs = seqs["test"][: data.num_agreement_eval]
     meta = {
         "format": FORMAT,
@@ -194,6 +216,8 @@ def train_exits(model: Optional[str] = None, output_dir: Optional[str] = None, n
                                         if k in ck["stats"] for m in ("kl", "agreement")},
                                      "classifier": ck["stats"]["classifier"]} for l, ck in ckpts.items()}),
     }
+    if draft_vocab is not None:
+        meta["frspec"] = json.dumps(draft_info)
     save_file(tensors, heads_path, metadata=meta)
     # agreement of the heads exactly as shipped (bfloat16, loaded through ExitHeads) on a fixed set
     from cluster.training.evaluate import eval_sequences_json, measure_agreement
@@ -210,12 +234,27 @@ def train_exits(model: Optional[str] = None, output_dir: Optional[str] = None, n
     summary = {"heads_path": heads_path, "config_path": config_path, "exit_layers": list(layers),
                "agreement_fixed_set": agreement, "train_positions": train_f.num_positions,
                "loss": json.loads(meta["loss"])}
+    if draft_vocab is not None:
+        summary["draft_vocab"] = draft_info
     if calibrate:
         summary["calibration"] = calibrate_config(config_path, ws, target=target, progress=progress)
     ws.timings["total_s"] = time.monotonic() - t0
     summary["timings"] = dict(ws.timings)
     log(f"train-exits: done in {ws.timings['total_s']:.0f} s {json.dumps({k: round(v) for k, v in ws.timings.items()})}")
     return summary
+
+
+def _draft_vocab(seqs: dict, mc: ModelConfig, size: int) -> Optional[tuple[torch.Tensor, dict]]:
+    """``(token ids by frequency rank, frspec metadata)`` of the training answers, or None for size 0."""
+    if size <= 0:
+        return None
+    from cluster.training.frspec import coverage, select_vocab
+
+    ids, cov = select_vocab((s.output_ids for s in seqs["train"]), mc.vocab_size, size, always=mc.eos_token_ids)
+    test = [s.output_ids for s in seqs.get("test", [])]
+    return ids, {"size": int(ids.numel()), "vocab_size": mc.vocab_size, "coverage_train": cov,
+                 "coverage_test": coverage(test, ids, mc.vocab_size), "always": list(mc.eos_token_ids),
+                 "order": "frequency rank", "source": "the full model's greedy answers to the train split"}
 
 
 def _settings_tag(settings: TrainSettings) -> str:
@@ -242,7 +281,8 @@ def write_exit_config(path: str, data: dict) -> None:
 def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Optional[str] = None,
                      target: float = 0.95, measure: Optional[str] = None, per_layer: bool = True,
                      work_dir: Optional[str] = None, progress: bool = True,
-                     log: Callable[[str], None] = print, z: float = 2.326) -> dict:
+                     log: Callable[[str], None] = print, z: float = 2.326, metric: str = "agreement",
+                     search_steps: int = 4) -> dict:
     """Choose thresholds on the calibration split and write them into ``config_path``.
 
     The search asks for ``target + z * sqrt(target * (1 - target) / N)`` agreement on the ``N``
@@ -251,6 +291,13 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
 
     The heads file's metadata names the splits it was trained with, so the calibration split is
     disjoint from the training prompts; the test split is reported as held out.
+
+    ``metric='rouge_l'`` (CALM's textual consistency): starting from those agreement-calibrated
+    thresholds, raise them toward 1.0 by the least amount (:func:`~cluster.training.calibrate.search_blend`,
+    ``search_steps`` bisection steps, each a greedy generation of the calibration prompts with the
+    candidate exit config) at which the early-exit answers' mean ROUGE-L against the full model's
+    cached answers, less ``z`` standard errors, is at least ``target``; if even thresholds of 1.0 miss
+    it, exits are disabled. The metric, target and measured ROUGE-L go into the ``calibration`` block.
     """
     from cluster.engine.factory import read_exit_config
     from cluster.model.exits import ExitHeads
@@ -289,12 +336,21 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
         thr = choose_thresholds(pred["calib"], measure, search, cost)
     else:
         thr = {l: shared for l in layers} if shared is not None else {}
-    result = {"target": target, "search_target": search, "measure": measure, "thresholds": {str(l): v for l, v in thr.items()},
+    free_running = None
+    if metric == "rouge_l":
+        thr, shared, free_running = _rouge_l_thresholds(ws, cfg, measure, thr, shared, seqs["calib"], target, z,
+                                                        search_steps, log)
+    elif metric != "agreement":
+        raise ValueError(f"calibrate: metric must be 'agreement' or 'rouge_l', got {metric!r}")
+    result = {"metric": metric, "target": target, "search_target": search, "measure": measure,
+              "thresholds": {str(l): v for l, v in thr.items()},
               "single_threshold": shared,
               "teacher_forced_agreement": {s: p.agreement() for s, p in pred.items()},
               "calib": policy_stats(pred["calib"], measure, thr, cost),
               "test": policy_stats(pred["test"], measure, thr, cost),
               "oracle_test": oracle_stats(pred["test"], cost)}
+    if free_running is not None:
+        result["rouge_l"] = free_running
     for other in sorted(pred["calib"].conf):  # what the other measures would give (for comparison)
         if other != measure:
             o = choose_thresholds(pred["calib"], other, search, cost)
@@ -310,7 +366,8 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
                 "threshold": shared if shared is not None else 1.0,
                 "layer_thresholds": [thr[l] for l in enabled],
                 "model_fingerprint": ws.fingerprint,
-                "calibration": {**{k: result[k] for k in ("target", "search_target", "measure", "calib", "test")},
+                "calibration": {**{k: result[k] for k in ("metric", "target", "search_target", "measure", "calib", "test",
+                                                          "rouge_l") if k in result},
                                 # per-layer thresholds the other measures need for the same target
                                 # (bench/offline.py runs each measure at its calibrated thresholds)
                                 "alternatives": {m: {"kind": a["kind"], "exit_layers": sorted(int(l) for l in a["thresholds"]),
@@ -327,7 +384,72 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
         f"{te['exit_fraction']:.1%}, mean exit layer {te['mean_exit_layer']:.1f}/{ws.model_config.num_layers}, "
         f"modelled compute {te['compute_fraction']:.1%} (an oracle exit decision with these heads: "
         f"{result['oracle_test']['compute_fraction']:.1%}); wrote {config_path}")
+    if free_running is not None:
+        log(f"calibrate: free-running ROUGE-L on the calibration prompts {free_running['rouge_l']:.4f} (lower bound "
+            f"{free_running['lower_bound']:.4f}, target {target}) at thresholds blended {free_running['alpha']} toward 1.0")
     return result
+
+
+def _rouge_l_thresholds(ws: Workspace, cfg: ExitConfig, measure: str, thr: dict, shared: Optional[float],
+                        calib: list, target: float, z: float, steps: int, log: Callable[[str], None]):
+    """``(thresholds, single threshold, record)`` meeting a free-running ROUGE-L target (see
+    :func:`calibrate_config`): the agreement-calibrated ``thr`` blended toward 1.0."""
+    import dataclasses
+
+    from cluster.llm import LLM
+    from cluster.sampling import SamplingParams
+    from cluster.training.calibrate import blend_thresholds, search_blend
+    from cluster.training.quality import mean_lower_bound, rouge_l
+
+    prompts = [list(s.prompt_ids) for s in calib]
+    params = SamplingParams(max_tokens=ws.data.max_new_tokens, temperature=0.0)  # as the cached answers
+    lossy = {"mode": None} if "mode" in {f.name for f in dataclasses.fields(ExitConfig)} else {}
+    measured: dict[float, dict] = {}
+    kv_bytes = kv_cache_bytes(ws.model_config, [len(p) + params.max_tokens for p in prompts])
+    # references: the full model's answers from the same engine set-up (weights as served, e.g. int4 for
+    # the default model: the cached training answers may come from another precision)
+    full = LLM(ws.model_dir, early_exit=None, max_num_seqs=ws.data.max_num_seqs,
+               max_num_batched_tokens=max(2048, ws.data.max_num_seqs * 16), kv_cache_memory_bytes=kv_bytes)
+    try:
+        refs = [o.token_ids for o in full.generate(prompts, params)]
+    finally:
+        full.shutdown()
+
+    def score(alpha: float) -> float:
+        t = blend_thresholds(thr, alpha)
+        layers = tuple(sorted(t))
+        ec = dataclasses.replace(cfg, exit_layers=layers, confidence=measure, layer_thresholds=tuple(t[l] for l in layers),
+                                 threshold=max(t.values()), **lossy)
+        llm = LLM(ws.model_dir, early_exit=ec, max_num_seqs=ws.data.max_num_seqs,
+                  max_num_batched_tokens=max(2048, ws.data.max_num_seqs * 16), kv_cache_memory_bytes=kv_bytes)
+        try:
+            outs = llm.generate(prompts, params)
+        finally:
+            llm.shutdown()
+        r = [rouge_l(o.token_ids, ref) for o, ref in zip(outs, refs)]
+        layers_run = [l for o in outs for l in o.exit_layers]
+        measured[alpha] = {"alpha": alpha, "rouge_l": float(sum(r) / max(1, len(r))),
+                           "lower_bound": mean_lower_bound(r, z),
+                           "mean_exit_layer": sum(layers_run) / max(1, len(layers_run))}
+        log(f"calibrate: ROUGE-L search: thresholds blended {alpha:.4f} toward 1.0: ROUGE-L "
+            f"{measured[alpha]['rouge_l']:.4f} (lower bound {measured[alpha]['lower_bound']:.4f}, target {target}), "
+            f"mean exit layer {measured[alpha]['mean_exit_layer']:.2f}")
+        return measured[alpha]["lower_bound"]
+
+    record = {"target": target, "z": z, "prompts": len(prompts), "max_new_tokens": ws.data.max_new_tokens,
+              "start": "agreement-calibrated thresholds", "start_thresholds": {str(l): v for l, v in thr.items()}}
+    if not thr:  # no exit layer pays off even for agreement: the full model's answers, ROUGE-L 1
+        return thr, shared, {**record, "alpha": 0.0, "rouge_l": 1.0, "lower_bound": 1.0, "history": []}
+    res = search_blend(score, target, steps)
+    record["history"] = [measured[a] for a, _ in res.history]
+    if res.alpha is None:
+        log(f"calibrate: ROUGE-L target {target} is missed even at thresholds 1.0: exits disabled")
+        return {}, None, {**record, "alpha": None, "rouge_l": 1.0, "lower_bound": 1.0}
+    out = blend_thresholds(thr, res.alpha)
+    if shared is not None:
+        shared = blend_thresholds({0: shared}, res.alpha)[0]
+    return out, shared, {**record, "alpha": res.alpha, "rouge_l": measured[res.alpha]["rouge_l"],
+                         "lower_bound": measured[res.alpha]["lower_bound"]}
 
 
 def _keys(path: str) -> list[str]:

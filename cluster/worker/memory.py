@@ -85,7 +85,7 @@ def plan(total: int, free: int, weights: int, activation_peak: int, utilization:
         ValueError: not even one KV block fits (names the numbers and what to change).
     """
     kv = kv_cache_bytes(total, free, weights, activation_peak, utilization)
-    blocks = kv // block_bytes - 1  # the model runner adds one block: the trash slot's
+    blocks = kv // block_bytes
     if blocks < 1:
         gib = 1 << 30
         raise ValueError(

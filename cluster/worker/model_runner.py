@@ -152,11 +152,9 @@ class ModelRunner:
         return total
 
     def initialize_cache(self, num_blocks: int) -> None:
-        """Allocate the KV cache (zeros: unused slots must hold finite values) on the model's device,
-        plus one block no block table holds: its first slot is the trash slot
-        (:attr:`trash_slot`) where rows that join a forward later write their K/V until they join."""
+        """Allocate the KV cache (zeros: unused slots must hold finite values) on the model's device."""
         self.kv_cache = None
-        self.kv_cache = torch.zeros(self._cache_shape(num_blocks + 1), dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.num_blocks = num_blocks
 
@@ -189,10 +187,6 @@ class ModelRunner:
                 sample(result.logits, [full] * result.logits.shape[0])
         del scratch, caches
 
-    @property
-    def trash_slot(self) -> int:
-        return self.num_blocks * self.block_size
-
     # ---------------------------------------------------------------------------------- one step
     def prepare(self, so: SchedulerOutput, rows_of: Optional[dict[str, RowState]] = None):
         """Build ``(input_ids [T], positions [T], AttentionMetadata, ExitBatch)`` for one iteration.
@@ -205,30 +199,62 @@ class ModelRunner:
         ``rows_of``: requests whose rows are given by a :class:`RowState` (drafts to verify, a row
         re-run from its exit): each row is a decode row of its own (its context: every position up to
         it), sampled, never exit-eligible; rows with ``depth > 0`` join at that depth (:class:`Join`).
+        Layout of the ``T`` tokens: joining rows first, deepest first (so the rows that run at a
+        layer are always a suffix of the batch), then the other decode rows, then prefill chunks.
+        Sample rows follow ``so.scheduled``' order (a ``rows_of`` request: its rows in order).
         """
         bs = self.block_size
         ids, pos, slots = [], [], []
         tables, lens, chunks = [], [], []
         rows, eligible, thresholds = [], [], []
-        joining: dict[int, list[tuple[int, torch.Tensor]]] = {}  # depth -> [(token index, state)]
+        joining: list[tuple[int, int, int, int, list[int], torch.Tensor]] = []  # (depth, order, tok, pos, table, state)
+        fresh_rows: dict[tuple[str, int], int] = {}  # (request, row) -> its token index when not joining
         t = 0
+        if rows_of:
+            for sr in so.scheduled:
+                rs = rows_of.get(sr.request_id)
+                if rs is None:
+                    continue
+                for j, tok in enumerate(rs.tokens(sr)):
+                    if rs.depths[j]:
+                        joining.append((rs.depths[j], len(joining), tok, sr.start_position + j, sr.block_table,
+                                        rs.hidden[j]))
+            joining.sort(key=lambda e: (-e[0], e[1]))
+            for _, _, tok, p, table, _ in joining:
+                ids.append(tok)
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+                tables.append(table)
+                lens.append(p + 1)
+            t = len(joining)
+            for sr in so.scheduled:  # the joining rows' non-joining siblings: plain decode rows
+                rs = rows_of.get(sr.request_id)
+                if rs is None:
+                    continue
+                for j, tok in enumerate(rs.tokens(sr)):
+                    if not rs.depths[j]:
+                        p = sr.start_position + j
+                        ids.append(tok)
+                        pos.append(p)
+                        slots.append(sr.block_table[p // bs] * bs + p % bs)
+                        tables.append(sr.block_table)
+                        lens.append(p + 1)
+                        fresh_rows[(sr.request_id, j)] = t
+                        t += 1
+        join_tok = iter(range(len(joining)))  # joining rows in their order of appearance
+        order_to_tok = {e[1]: k for k, e in enumerate(joining)}
         for sr in so.scheduled:
             n, s0, table = len(sr.token_ids), sr.start_position, sr.block_table
             rs = rows_of.get(sr.request_id) if rows_of else None
             if rs is not None:
-                for j, tok in enumerate(rs.tokens(sr)):
-                    p = s0 + j
-                    ids.append(tok)
-                    pos.append(p)
-                    slots.append(table[p // bs] * bs + p % bs)
-                    tables.append(table)
-                    lens.append(p + 1)
-                    rows.append(t)
+                for j in range(len(rs.depths)):
+                    if rs.depths[j]:
+                        tok_index = order_to_tok[next(join_tok)]
+                    else:
+                        tok_index = fresh_rows[(sr.request_id, j)]
+                    rows.append(tok_index)
                     eligible.append(False)
                     thresholds.append(float("nan"))
-                    if rs.depths[j]:
-                        joining.setdefault(rs.depths[j], []).append((t, rs.hidden[j]))
-                    t += 1
                 continue
             ids += sr.token_ids
             if n == 1:
@@ -264,27 +290,20 @@ class ModelRunner:
         buf += [int(e) for e in eligible]
         buf += eligible_rows
         buf += array("q", array("d", thresholds).tobytes())  # float64 bits: NaN survives
-        depths = sorted(joining)
-        join_parts = []
-        for stage in range(len(depths)):  # slot mapping while joins[stage:] have not joined: trash
-            trashed = list(slots)
-            for d in depths[stage:]:
-                for tok, _ in joining[d]:
-                    trashed[tok] = self.trash_slot
-            buf += trashed
-            join_parts.append(t)
-        for d in depths:
-            buf += [tok for tok, _ in joining[d]]
-            join_parts.append(len(joining[d]))
-        parts = [t, t, t, D * width, D] + [len(c[3]) for c in chunks] + [S, S, len(eligible_rows), S] + join_parts
+        parts = [t, t, t, D * width, D] + [len(c[3]) for c in chunks] + [S, S, len(eligible_rows), S]
         views = host_to_device(buf, torch.long, self.device).split(parts)
         input_ids, positions, slot_mapping, bt, ctx_lens = views[:5]
         prefills = [PrefillChunk(c[0], c[1], c[2], v) for c, v in zip(chunks, views[5:5 + len(chunks)])]
-        k = 5 + len(chunks)
-        sample_rows, elig, elig_rows, thr_bits = views[k:k + 4]
-        stage_slots, join_rows = views[k + 4:k + 4 + len(depths)], views[k + 4 + len(depths):]
-        joins = [Join(d, r, torch.stack([st for _, st in joining[d]]), sm)
-                 for d, r, sm in zip(depths, join_rows, stage_slots)]
+        sample_rows, elig, elig_rows, thr_bits = views[5 + len(chunks):]
+        joins = []
+        k = len(joining)
+        while k:  # shallowest first; the rows of one depth are consecutive tokens
+            d = joining[k - 1][0]
+            j = k
+            while j and joining[j - 1][0] == d:
+                j -= 1
+            joins.append(Join(d, j, k - j, torch.stack([e[5] for e in joining[j:k]])))
+            k = j
         meta = AttentionMetadata(slot_mapping, D, bt.view(D, width), ctx_lens, prefills)
         batch = ExitBatch(sample_rows, elig.bool(), thr_bits.view(torch.float64).to(torch.float32),
                           host_rows=rows, host_eligible=eligible, eligible_rows=elig_rows, joins=joins)

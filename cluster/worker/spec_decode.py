@@ -70,20 +70,33 @@ class SpecDecoder:
             stop = [sr.spec.draft_layer or last_exit for sr in live]
             if not max(stop):  # ``verified`` without exit layers cannot draft (the config forbids it)
                 raise RuntimeError("verified drafting needs exit layers")
+            # rows: the live requests' pending rows (earlier rows below the deepest depth a pass can
+            # reach), then each live request's newest row
+            pend = [(q, j) for q, sr in enumerate(live) for j, dep in enumerate(st[sr.request_id].depths)
+                    if dep < stop[q]]
+            row_sr = [live[q] for q, _ in pend] + live
+            pos = [live[q].start_position + j for q, j in pend] + [sr.start_position + t for sr in live]
+            R = len(pos)
             width = max(len(sr.block_table) for sr in live)
-            pos = [sr.start_position + t for sr in live]
             buf = [cur[sr.request_id] for sr in live] + pos
-            buf += [sr.block_table[p // bs] * bs + p % bs for sr, p in zip(live, pos)]
-            for sr in live:
+            buf += [sr.block_table[p // bs] * bs + p % bs for sr, p in zip(row_sr, pos)]
+            for sr in row_sr:
                 buf += sr.block_table + [0] * (width - len(sr.block_table))
             buf += [p + 1 for p in pos]
             thr = [float("nan") if sr.exit_threshold is None else float(sr.exit_threshold) for sr in live]
             buf += array("q", array("d", thr).tobytes())
             ids, positions, slots, bt, lens, thr_bits = host_to_device(buf, torch.long, r.device).split(
-                [n, n, n, n * width, n, n])
-            meta = AttentionMetadata(slots, n, bt.view(n, width), lens)
+                [n, R, R, R * width, R, n])
+            meta = AttentionMetadata(slots, R, bt.view(R, width), lens)
+            pstates = torch.stack([st[live[q].request_id].hidden[j] for q, j in pend]) if pend else None
             res = draft_forward(r.model, heads, ids, positions, meta, r.kv_caches, forced,
-                                thr_bits.view(torch.float64).to(torch.float32), stop)
+                                thr_bits.view(torch.float64).to(torch.float32), stop,
+                                [q for q, _ in pend], [st[live[q].request_id].depths[j] for q, j in pend], pstates)
+            for k, (q, j) in enumerate(pend):  # pending rows that ran in this pass advanced
+                rs = st[live[q].request_id]
+                if res.pending_depths[k] != rs.depths[j]:
+                    rs.depths[j] = res.pending_depths[k]
+                    rs.hidden[j] = res.pending_hidden[k]
             drafted = [k for k in range(n) if res.drafted[k]]
             toks, qs = self._draw([live[k] for k in drafted], res.logits, drafted, t)
             nxt = []

@@ -50,6 +50,17 @@ class AttentionMetadata:
             self._decode_mask = (pos < self.decode_context_lens.unsqueeze(1)).view(-1, 1, 1, S)
         return self._decode_mask
 
+    def suffix(self, start: int) -> "AttentionMetadata":
+        """Metadata of tokens ``start .. T-1`` (``start <= num_decodes``: the first ``start`` decode
+        rows dropped): views, no copy; the decode mask, if built, is sliced too."""
+        if start == 0:
+            return self
+        prefills = [PrefillChunk(p.token_start - start, p.num_tokens, p.start_position, p.block_table)
+                    for p in self.prefills]
+        mask = None if self._decode_mask is None else self._decode_mask[start:]
+        return AttentionMetadata(self.slot_mapping[start:], self.num_decodes - start, self.decode_block_tables[start:],
+                                 self.decode_context_lens[start:], prefills, mask)
+
     def select_decodes(self, keep: torch.Tensor, num_decodes: int) -> "AttentionMetadata":
         """Metadata for a subset of the tokens: ``keep`` (long, on the metadata's device) holds the
         kept decode rows (indices into ``[0, D)``, ascending) followed by every prefill token

@@ -1,0 +1,152 @@
+"""Lossless early exit vs the full model vs lossy exits: speed and free-running quality, side by side.
+
+One engine (the default model, its shipped exit heads and calibration, ``quantization=auto``) serves
+every variant through per-request modes, so all variants share weights, caches and machine noise;
+variants are interleaved per batch and repeated (``--repeats``), the best run is kept. Prompts: the
+held-out test split of the exit heads (never used for training or calibration), as chat; greedy,
+``--max-tokens`` tokens each, EOS ignored (every variant generates the same number of tokens).
+
+Variants: ``full`` (the full model), ``lossy`` (the exit config's policy at its calibrated
+thresholds), ``verified`` (AdaDecode-style), ``self_spec`` (LayerSkip-style at the default draft
+layer with the adaptive draft length), and ``self_spec@E`` (fixed draft length, every exit layer E;
+batch 1 only: the per-draft-layer acceptance that bounds the speed-up).
+
+Reported per (variant, batch): tokens/s (generated tokens / wall time, prefill included) and the
+ratio to ``full``; acceptance rate (accepted / proposed drafts); verified tokens per verification
+iteration; mean exit layer; exact-match rate and ROUGE-L (LCS F-measure) of the answers against the
+full model's (same batch). The per-draft-layer table adds the draft cost ``c`` of the engine's cost
+model (:meth:`cluster.engine.engine.LLMEngine.draft_cost`) and the speed-up bound
+``max_k (1 - a^(k+1)) / ((1 - a)(1 + k c))`` (Leviathan et al. 2023) at the measured acceptance ``a``.
+
+    python -m bench.spec --batch-sizes 1 4 16 --max-tokens 64 --repeats 2
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from typing import Optional
+
+from bench.common import print_table, save
+from bench.offline import held_out_prompts
+from cluster import LLM, SamplingParams
+from cluster.core.draft_control import DraftLengthController
+from cluster.engine.protocol import CompletionOutput, EngineRequest
+from cluster.training.quality import exact_match, rouge_l
+
+_ids = itertools.count()
+
+
+def run_batch(llm: LLM, prompts: list[list[int]], batch: int, sp: SamplingParams, **mode) -> tuple[list[CompletionOutput], float]:
+    """Generate for every prompt with at most ``batch`` requests in flight (continuous batching)."""
+    eng = llm.engine
+    todo = list(enumerate(prompts))
+    outs: dict[str, CompletionOutput] = {}
+    order: list[str] = []
+    t0 = time.perf_counter()
+    running = 0
+    while todo or running:
+        while todo and running < batch:
+            i, ids = todo.pop(0)
+            rid = f"spec-{next(_ids)}"
+            eng.add_request(EngineRequest(request_id=rid, prompt_token_ids=ids, sampling_params=sp, **mode))
+            outs[rid] = CompletionOutput(rid, ids)
+            order.append(rid)
+            running += 1
+        for d in eng.step():
+            outs[d.request_id].add(d)
+            if d.finished:
+                running -= 1
+    return [outs[r] for r in order], time.perf_counter() - t0
+
+
+def summarize(outs: list[CompletionOutput], ref: Optional[list[CompletionOutput]], seconds: float, L: int) -> dict:
+    n = sum(len(o.token_ids) for o in outs)
+    drafts = sum(o.num_draft_tokens for o in outs)
+    acc = sum(o.num_accepted_tokens for o in outs)
+    steps = sum(o.num_verify_steps for o in outs)
+    row = {"tokens": n, "seconds": round(seconds, 3), "tokens_per_s": round(n / seconds, 2),
+           "mean_exit_layer": round(sum(sum(o.exit_layers) for o in outs) / max(1, n), 2),
+           "acceptance_rate": round(acc / drafts, 3) if drafts else None,
+           "tokens_per_verify": round((acc + steps) / steps, 3) if steps else None,
+           "drafts_per_token": round(drafts / max(1, n), 3)}
+    if ref is not None:
+        row["exact_match"] = round(sum(exact_match(o.token_ids, r.token_ids) for o, r in zip(outs, ref)) / len(outs), 3)
+        row["rouge_l"] = round(sum(rouge_l(o.token_ids, r.token_ids) for o, r in zip(outs, ref)) / len(outs), 3)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=16, help="prompts per batch size (at least the batch size)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the fastest is kept")
+    ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--layer-prompts", type=int, default=8, help="prompts for the per-draft-layer table (batch 1)")
+    ap.add_argument("--name", default="spec")
+    args = ap.parse_args(argv)
+
+    llm = LLM(args.model)
+    eng = llm.engine
+    ec = eng.exit_config
+    L = eng.model_config.num_layers
+    texts, source = held_out_prompts(ec)
+    prompts = [llm.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+    k = args.num_draft_tokens
+    variants = {
+        "full": dict(exit_threshold=2.0),
+        "lossy": dict(exit_mode=ec.policy),
+        "verified": dict(exit_mode="verified", num_draft_tokens=k),
+        "self_spec": dict(exit_mode="self_speculative", num_draft_tokens=k),
+    }
+    rows = []
+    for B in args.batch_sizes:
+        ps = (prompts * (1 + max(B, args.num_prompts) // len(prompts)))[:max(B, args.num_prompts)]
+        best: dict[str, tuple[list, float]] = {}
+        for _ in range(args.repeats):
+            for name, mode in variants.items():
+                outs, dt = run_batch(llm, ps, B, sp, **mode)
+                if name not in best or dt < best[name][1]:
+                    best[name] = (outs, dt)
+        full_outs, full_dt = best["full"]
+        for name in variants:
+            outs, dt = best[name]
+            row = {"variant": name, "batch": B, **summarize(outs, full_outs, dt, L)}
+            row["speedup_vs_full"] = round(full_dt / dt, 3)
+            rows.append(row)
+        eng.check_integrity()
+    print_table(rows, ["variant", "batch", "tokens_per_s", "speedup_vs_full", "acceptance_rate", "tokens_per_verify",
+                       "drafts_per_token", "mean_exit_layer", "exact_match", "rouge_l"])
+
+    # per draft layer: fixed-length drafts (no adaptive control) at batch 1, and the cost model's bound
+    layer_rows = []
+    ps = prompts[:args.layer_prompts]
+    full_outs, full_dt = run_batch(llm, ps, 1, sp, exit_threshold=2.0)
+    from dataclasses import replace
+
+    fixed = replace(ec, adaptive_drafts=False)
+    eng.exit_config = fixed
+    try:
+        for E in ec.exit_layers:
+            outs, dt = run_batch(llm, ps, 1, sp, exit_mode="self_speculative", draft_layer=E, num_draft_tokens=1)
+            a = sum(o.num_accepted_tokens for o in outs) / max(1, sum(o.num_draft_tokens for o in outs))
+            c = eng.draft_cost(E)
+            gain = max(DraftLengthController.gain(a, kk, c) for kk in range(0, 9))
+            best_k = max(range(0, 9), key=lambda kk: DraftLengthController.gain(a, kk, c))
+            layer_rows.append({"draft_layer": E, "acceptance_k1": round(a, 3), "draft_cost": round(c, 3),
+                               "bound_speedup": round(gain, 3), "best_k": best_k,
+                               "measured_k1_speedup": round(full_dt / dt, 3)})
+    finally:
+        eng.exit_config = ec
+    print_table(layer_rows, ["draft_layer", "acceptance_k1", "draft_cost", "best_k", "bound_speedup", "measured_k1_speedup"])
+    save(args.name, {"rows": rows, "draft_layers": layer_rows, "prompts": source, "max_tokens": args.max_tokens,
+                     "num_draft_tokens": k, "exit_config": {"exit_layers": list(ec.exit_layers), "policy": ec.policy,
+                                                            "confidence": ec.confidence},
+                     "quantization": eng.model_config.quantization})
+
+
+if __name__ == "__main__":
+    main()
