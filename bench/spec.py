@@ -27,7 +27,7 @@ import itertools
 import time
 from typing import Optional
 
-from bench.common import print_table, save
+from bench.common import RESULTS, print_table, save
 from bench.offline import held_out_prompts
 from cluster import LLM, SamplingParams
 from cluster.core.draft_control import DraftLengthController
@@ -76,6 +76,34 @@ def summarize(outs: list[CompletionOutput], ref: Optional[list[CompletionOutput]
     return row
 
 
+def plot_frontier(rows: list[dict], path) -> None:
+    """Speed-up over the full model (y) against free-running ROUGE-L against the full model's answers
+    (x), one marker per variant, one colour per batch size: the speed/quality frontier of every mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"full": "s", "lossy": "o", "verified": "*", "self_spec": "P"}
+    for b, color in zip(sorted({r["batch"] for r in rows}), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        pts = [r for r in rows if r["batch"] == b]
+        for r in pts:
+            kind = r["variant"].split("@")[0]
+            ax.scatter(r["rouge_l"], r["speedup_vs_full"], color=color, marker=markers.get(kind, "o"), s=60,
+                       label=f"batch {b}" if r is pts[0] else None)
+            ax.annotate(r["variant"], (r["rouge_l"], r["speedup_vs_full"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("free-running ROUGE-L vs the full model's answer (1 = same text)")
+    ax.set_ylabel("tokens/s vs the full model")
+    ax.set_title("early-exit modes: speed vs quality (lossless modes sit at ROUGE-L 1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -85,6 +113,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the fastest is kept")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--layer-prompts", type=int, default=8, help="prompts for the per-draft-layer table (batch 1)")
+    ap.add_argument("--lossy-thresholds", type=float, nargs="*", default=[0.5, 0.9, 0.99],
+                    help="extra lossy variants at one threshold for every exit layer (the frontier's lossy points)")
     ap.add_argument("--name", default="spec")
     args = ap.parse_args(argv)
 
@@ -99,8 +129,9 @@ def main(argv=None):
     variants = {
         "full": dict(exit_threshold=2.0),
         "lossy": dict(exit_mode=ec.policy),
+        **{f"lossy@{t}": dict(exit_mode=ec.policy, exit_threshold=t) for t in args.lossy_thresholds},
         "verified": dict(exit_mode="verified", num_draft_tokens=k),
-        "self_spec": dict(exit_mode="self_speculative", num_draft_tokens=k),
+        "self_spec": dict(exit_mode="self_speculative"),  # adaptive draft length (the config's)
     }
     rows = []
     for B in args.batch_sizes:
@@ -125,11 +156,7 @@ def main(argv=None):
     layer_rows = []
     ps = prompts[:args.layer_prompts]
     full_outs, full_dt = run_batch(llm, ps, 1, sp, exit_threshold=2.0)
-    from dataclasses import replace
-
-    fixed = replace(ec, adaptive_drafts=False)
-    eng.exit_config = fixed
-    try:
+    if True:  # a per-request num_draft_tokens is a fixed draft length
         for E in ec.exit_layers:
             outs, dt = run_batch(llm, ps, 1, sp, exit_mode="self_speculative", draft_layer=E, num_draft_tokens=1)
             a = sum(o.num_accepted_tokens for o in outs) / max(1, sum(o.num_draft_tokens for o in outs))
@@ -139,9 +166,8 @@ def main(argv=None):
             layer_rows.append({"draft_layer": E, "acceptance_k1": round(a, 3), "draft_cost": round(c, 3),
                                "bound_speedup": round(gain, 3), "best_k": best_k,
                                "measured_k1_speedup": round(full_dt / dt, 3)})
-    finally:
-        eng.exit_config = ec
     print_table(layer_rows, ["draft_layer", "acceptance_k1", "draft_cost", "best_k", "bound_speedup", "measured_k1_speedup"])
+    plot_frontier(rows, RESULTS / f"{args.name}-frontier.png")
     save(args.name, {"rows": rows, "draft_layers": layer_rows, "prompts": source, "max_tokens": args.max_tokens,
                      "num_draft_tokens": k, "exit_config": {"exit_layers": list(ec.exit_layers), "policy": ec.policy,
                                                             "confidence": ec.confidence},

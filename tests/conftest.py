@@ -81,6 +81,25 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def damped_model_dir(tmp_path_factory, tiny_model_dir) -> str:
+    """The tiny model with its layers 3..6 damped (attention and MLP output projections x 0.05): the
+    hidden state after 2 layers nearly decides the token, so early exits at layer 2 agree with the
+    full model often (lossless modes: ~70% of drafts accepted at exit layers (2, 4), threshold 0.3);
+    a random tiny model's exits almost never agree."""
+    from safetensors.torch import load_file, save_file
+
+    path = copy_dir(tiny_model_dir, tmp_path_factory.mktemp("tiny-damped") / "model")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    for name in list(weights):
+        parts = name.split(".")
+        if (name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")) and parts[:2] == ["model", "layers"]
+                and int(parts[2]) >= 2):
+            weights[name] = weights[name] * 0.05
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory, default_model_dir):
     """``tiny_factory(name, **overrides) -> model dir`` for variants (qwen2 bias, untied, rope scaling)."""
     made = {}

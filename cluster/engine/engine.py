@@ -238,7 +238,8 @@ class LLMEngine:
                 raise InvalidRequestError("early_exit", f"early_exit.draft_layer: {e} has no trained exit head; "
                                           f"choose one of {list(ec.exit_layers)}")
             spec = SpecParams("self_speculative", e, k, self.draft_cost(e),
-                              adaptive=ec.adaptive_drafts if ec is not None else True)
+                              # a draft length the request asks for is kept (LayerSkip's fixed setting)
+                              adaptive=(ec.adaptive_drafts if ec is not None else True) and req.num_draft_tokens is None)
         if sp.uses_penalties or sp.guided_decoding is not None or sp.logprobs is not None:
             return None, FULL_MODEL_THRESHOLD
         return spec, thr

@@ -51,7 +51,8 @@ class EngineRequest(BaseModel):
             batch's compute policy stays the engine's), ``verified`` or ``self_speculative``
             (lossless: the output is the full model's; see :class:`cluster.config.ExitConfig`).
         draft_layer, num_draft_tokens: override the exit config's for ``self_speculative`` /
-            ``verified`` (None: the config's).
+            ``verified`` (None: the config's). A ``num_draft_tokens`` given here is used as is by
+            ``self_speculative`` (no adaptive draft length: LayerSkip's fixed setting).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

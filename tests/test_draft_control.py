@@ -1,0 +1,111 @@
+"""Scheduling of lossless requests (no torch): draft slots, the draft-length cost model, verification
+bookkeeping with a fake runner that accepts a scripted number of drafts."""
+import pytest
+
+from cluster.config import SpecParams
+from cluster.core.draft_control import DraftLengthController
+from cluster.core.outputs import ModelRunnerOutput
+from tests.test_scheduler import BS, make_req, make_sched
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def spec_req(rid, k=3, mode="self_speculative", cost=0.2, adaptive=False, **kw):
+    req = make_req(rid, **kw)
+    req.spec = SpecParams(mode, 2 if mode == "self_speculative" else None, k, cost, adaptive)
+    return req
+
+
+def run(s, accept):
+    """One iteration: every request with drafts gets ``accept(req, k)`` accepted drafts + 1 token."""
+    out = s.schedule()
+    ro = ModelRunnerOutput()
+    for sr in out.scheduled:
+        req = s.get_request(sr.request_id)
+        k = sr.num_draft_tokens
+        assert len(sr.block_table) * BS >= sr.start_position + 1 + k  # slots for the drafts reserved
+        if k:
+            a = accept(req, k)
+            ro.spec_token_ids[sr.request_id] = [500 + i for i in range(a + 1)]
+            ro.spec_exit_layers[sr.request_id] = [2] * a + [6]
+            ro.num_drafts[sr.request_id] = k
+        elif sr.sample:
+            ro.sampled_token_ids[sr.request_id] = 400
+            ro.exit_layers[sr.request_id] = 6
+    s.update(out, ro)
+    return out
+
+
+def test_gain_is_the_geometric_expectation_over_cost():
+    g = DraftLengthController.gain
+    assert g(0.5, 0, 0.3) == 1.0
+    assert g(0.5, 1, 0.0) == pytest.approx(1.5)  # 1 + a tokens for free drafts
+    assert g(0.5, 2, 0.25) == pytest.approx((1 + 0.5 + 0.25) / 1.5)
+    assert g(1.0, 3, 0.5) == pytest.approx(4 / 2.5)
+
+
+def test_controller_stops_drafting_when_it_does_not_pay_and_probes_again():
+    c = DraftLengthController(probe_every=4)
+    req = spec_req("a", k=4, cost=0.3, adaptive=True)
+    assert c.num_drafts(req, 4) > 0  # the prior is optimistic: start by drafting
+    req.spec = SpecParams("self_speculative", 2, 4, 0.6, True)
+    req.num_accepted_tokens, req.num_spec_rejections = 1, 10  # a ~ 0.2: no k pays for c = 0.6
+    ks = [c.num_drafts(req, 4) for _ in range(8)]
+    assert ks == [0, 0, 0, 1, 0, 0, 0, 1]  # a probing draft every probe_every steps
+    req.num_accepted_tokens, req.num_spec_rejections = 90, 10  # a ~ 0.9: drafts pay (best k = 2 at c = 0.6)
+    assert c.num_drafts(req, 4) == 2
+    req.spec = SpecParams("self_speculative", 2, 4, 0.1, True)
+    assert c.num_drafts(req, 4) == 4  # cheap drafts: the longest
+    fixed = spec_req("b", k=3, cost=0.9, adaptive=False)
+    assert c.num_drafts(fixed, 3) == 3  # LayerSkip's fixed setting: always k
+    assert c.num_drafts(spec_req("v", k=5, mode="verified", adaptive=True), 5) == 5  # verified: a cap
+
+
+def test_drafts_reserve_slots_and_count_verified_tokens():
+    s = make_sched(num_blocks=64)
+    req = spec_req("r", k=3, n_prompt=6, max_tokens=20)
+    s.add_request(req)
+    run(s, lambda r, k: 0)  # prefill: no drafts yet
+    assert req.num_output_tokens == 1
+    out = run(s, lambda r, k: 2)
+    (sr,) = out.scheduled
+    assert sr.num_draft_tokens == 3 and sr.spec is not None and out.num_batched_tokens == 4
+    assert req.num_output_tokens == 4 and req.num_computed_tokens == req.num_tokens - 1
+    assert (req.num_draft_tokens, req.num_accepted_tokens, req.num_verify_steps, req.num_spec_rejections) == (3, 2, 1, 1)
+    run(s, lambda r, k: k)  # all accepted: k + 1 tokens
+    assert req.num_output_tokens == 8 and req.num_spec_rejections == 1
+    s.block_manager.check_integrity()
+
+
+def test_drafts_never_pass_max_tokens_and_stop_mid_run():
+    s = make_sched()
+    req = spec_req("m", k=4, max_tokens=6)
+    s.add_request(req)
+    while s.has_unfinished_requests():
+        room = req.sampling_params.max_tokens - req.num_output_tokens
+        out = run(s, lambda r, k: k)
+        for sr in out.scheduled:
+            assert sr.num_draft_tokens + 1 <= max(1, room)
+    assert req.num_output_tokens == 6 and req.finish_reason == "length"
+    s2 = make_sched()
+    r2 = spec_req("e", k=4, max_tokens=20)
+    s2.add_request(r2)
+    run(s2, lambda r, k: 0)
+    out = s2.schedule()
+    ro = ModelRunnerOutput(spec_token_ids={"e": [501, 2, 503]}, spec_exit_layers={"e": [2, 2, 6]}, num_drafts={"e": 4})
+    s2.update(out, ro)
+    assert r2.output_token_ids[-2:] == [501, 2] and r2.finish_reason == "stop"  # tokens after EOS dropped
+    s2.block_manager.check_integrity()
+    assert s2.block_manager.usage == 0.0
+
+
+def test_no_drafts_when_the_batch_is_large():
+    big = make_sched(num_blocks=256, max_num_seqs=16)
+    big.spec_max_batch = 2
+    reqs = [spec_req(f"b{i}", k=2) for i in range(3)]
+    for r in reqs:
+        big.add_request(r)
+    run(big, lambda r, k: 0)
+    out = run(big, lambda r, k: 0)
+    assert all(sr.num_draft_tokens == 0 for sr in out.scheduled)  # 3 decodes > spec_max_batch 2
+    assert all(sr.exit_threshold > 1 for sr in out.scheduled)  # and no lossy exit either: full depth
