@@ -430,7 +430,7 @@ def stub_runner(V, exit_layer=3):
     runner.sampling_states = SamplingStates()
     runner.logits = None
 
-    def forward(so):
+    def forward(so, rows_of=None):
         n = sum(sr.sample for sr in so.scheduled)
         logits = runner.logits if runner.logits is not None else torch.zeros(n, V)
         return ExitResult(logits=logits, exit_layers=torch.full((n,), exit_layer, dtype=torch.long, device="cpu"))

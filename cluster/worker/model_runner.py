@@ -375,8 +375,6 @@ class ModelRunner:
             states.drop(rid)
         if so.is_empty:
             return ModelRunnerOutput() if self.is_driver else None
-        if self.kv_cache is None:
-            raise RuntimeError("the KV cache is not allocated yet (initialize_cache)")
         spec = [sr for sr in so.scheduled if sr.num_draft_tokens]
         rows_of = self.spec_decoder.draft(spec) if spec else None
         result = self.forward(so, rows_of)
