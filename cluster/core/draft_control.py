@@ -1,56 +1,105 @@
-"""How many drafts a ``self_speculative`` request makes in an iteration: a cost model (no torch).
+"""How many drafts a lossless request makes in an iteration: a cost model (no torch).
 
-Speculative decoding pays off only when the drafts are cheap and often right. With a per-draft
-acceptance probability ``a`` (tokens accepted independently, as in Leviathan et al. 2023, Sec. 3.1),
-``k`` drafts yield ``(1 - a**(k+1)) / (1 - a)`` verified tokens per verification on average, for a
-cost of ``1 + k * c`` full decode steps, ``c`` being one draft's cost relative to a full step
-(:attr:`cluster.config.SpecParams.draft_cost`: the weight bytes of layers ``1..E`` and of the draft's
-LM head, plus a fixed per-pass overhead). The controller picks the ``k <= num_draft_tokens`` that
-maximises tokens per unit cost, from the request's own acceptance so far (with a prior), and ``k = 0``
-(plain full-depth decode, lossless anyway) when no ``k`` beats 1; then it re-probes with one draft
-every :attr:`probe_every` decode steps, in case the text got easier. This is the adaptive draft
-length of dynamic speculative decoding (e.g. SpecDec++, Huang et al. 2024), with a closed-form rule.
+Speculative decoding pays off only when the drafts are cheap and often right, and on a model whose
+early layers predict badly it is slower than the full model. The controller keeps decayed counts of
+the verifications of each (mode, draft layer) across requests (acceptance is mostly a property of
+the model and its exits) and drafts only when the modelled gain beats the full model:
+
+* ``self_speculative``: with a per-draft acceptance probability ``a`` (tokens accepted independently,
+  Leviathan et al. 2023, Sec. 3.1), ``k`` drafts yield ``(1 - a**(k+1)) / (1 - a)`` verified tokens
+  per verification for a cost of ``1 + k * c`` full decode steps, ``c`` being one draft's cost
+  (:attr:`cluster.config.SpecParams.draft_cost`: the weight bytes of layers ``1..E`` and of the
+  draft's LM head, plus a pass overhead). The ``k <= num_draft_tokens`` with the best tokens per unit
+  cost is chosen; ``k = 0`` (plain full-depth decode, lossless anyway) when no ``k`` beats 1.
+* ``verified``: drafts come from confident exits, so the draft length is the data's; an iteration
+  with drafting yields ``t`` verified tokens (measured) for ``1 + (d + 1) * verified_pass_cost``
+  steps, ``d`` being the drafts per iteration (each draft adds a pass, and the verification one).
+  Drafting stops (full-depth decode without exit checks) while ``t`` does not beat that cost.
+
+Without drafting, one iteration in :attr:`probe_every` decode steps drafts anyway, so the estimates
+follow the text. This is the adaptive draft length of dynamic speculative decoding (e.g. SpecDec++,
+Huang et al. 2024) with a closed-form rule.
 """
 from __future__ import annotations
 
+from cluster.config import SpecParams
 from cluster.request import Request
+
+# Measured (bench/spec.py, default model, 2-core CPU, batch 1): an extra pass of a verified iteration
+# (its metadata, exit checks with their host syncs, the embedding and the LM head of its rows) costs
+# about 0.28 of a full decode step.
+VERIFIED_PASS_COST = 0.28
 
 
 class DraftLengthController:
     """Args:
         prior_acceptance, prior_weight: a Beta-style prior on the per-draft acceptance (``prior_weight``
-            pseudo-observations at ``prior_acceptance``), so a request starts by trying drafts.
-        probe_every: decode steps without drafts before one probing draft.
+            pseudo-verifications), so an engine starts by trying drafts.
+        probe_every: decode steps without drafts (per mode and draft layer) before one probing iteration.
+        decay: each verification multiplies the older counts by this (recent text weighs more).
     """
 
-    def __init__(self, prior_acceptance: float = 0.6, prior_weight: float = 4.0, probe_every: int = 32):
+    def __init__(self, prior_acceptance: float = 0.6, prior_weight: float = 4.0, probe_every: int = 32,
+                 decay: float = 0.995, verified_pass_cost: float = VERIFIED_PASS_COST):
         self.prior_acceptance = prior_acceptance
         self.prior_weight = prior_weight
         self.probe_every = probe_every
+        self.decay = decay
+        self.verified_pass_cost = verified_pass_cost
+        # (mode, draft_layer) -> [accepted drafts, rejections, drafts, verifications] (decayed)
+        self.stats: dict[tuple, list[float]] = {}
+        self._idle: dict[tuple, int] = {}
 
-    def acceptance(self, req: Request) -> float:
+    @staticmethod
+    def _key(spec: SpecParams) -> tuple:
+        return spec.mode, spec.draft_layer
+
+    def observe(self, spec: SpecParams, num_drafts: int, num_accepted: int) -> None:
+        """Record one verification of ``num_drafts`` drafts, ``num_accepted`` of them accepted."""
+        s = self.stats.setdefault(self._key(spec), [0.0, 0.0, 0.0, 0.0])
+        for i in range(4):
+            s[i] *= self.decay
+        s[0] += num_accepted
+        s[1] += num_accepted < num_drafts
+        s[2] += num_drafts
+        s[3] += 1
+
+    def acceptance(self, spec: SpecParams) -> float:
         """Estimated per-draft acceptance: accepted drafts over accepted drafts + rejections."""
-        a = req.num_accepted_tokens + self.prior_weight * self.prior_acceptance
-        return a / (req.num_accepted_tokens + req.num_spec_rejections + self.prior_weight)
+        acc, rej, _, _ = self.stats.get(self._key(spec), (0.0, 0.0, 0.0, 0.0))
+        return (acc + self.prior_weight * self.prior_acceptance) / (acc + rej + self.prior_weight)
 
     @staticmethod
     def gain(a: float, k: int, c: float) -> float:
-        """Expected verified tokens per unit cost with ``k`` drafts (1.0 for ``k = 0``)."""
+        """``self_speculative``: expected verified tokens per unit cost with ``k`` drafts (1 for ``k = 0``)."""
         tokens = k + 1 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
         return tokens / (1.0 + k * c)
 
+    def verified_gain(self, spec: SpecParams) -> float:
+        """``verified``: measured verified tokens per iteration over the iteration's modelled cost
+        (prior: 2 tokens and 1 draft per iteration, ``prior_weight`` iterations)."""
+        acc, _, drafts, steps = self.stats.get(self._key(spec), (0.0, 0.0, 0.0, 0.0))
+        w = self.prior_weight
+        tokens = (acc + steps + 2.0 * w) / (steps + w)
+        per_iter = (drafts + w) / (steps + w)
+        return tokens / (1.0 + (per_iter + 1.0) * self.verified_pass_cost)
+
     def num_drafts(self, req: Request, k_max: int) -> int:
-        """Drafts for this iteration, ``0 <= k <= k_max``; updates the request's probe counter."""
+        """Drafts for this iteration, ``0 <= k <= k_max`` (``k_max`` itself without ``spec.adaptive``)."""
         spec = req.spec
-        if spec.mode != "self_speculative" or not spec.adaptive or k_max <= 0:
+        if not spec.adaptive or k_max <= 0:
             return k_max
-        a, c = self.acceptance(req), spec.draft_cost
-        best = max(range(k_max + 1), key=lambda k: (self.gain(a, k, c), -k))
-        if best == 0:
-            req.spec_idle_steps += 1
-            if req.spec_idle_steps >= self.probe_every:
-                req.spec_idle_steps = 0
-                return 1
+        if spec.mode == "self_speculative":
+            a, c = self.acceptance(spec), spec.draft_cost
+            best = max(range(k_max + 1), key=lambda k: (self.gain(a, k, c), -k))
         else:
-            req.spec_idle_steps = 0
-        return best
+            best = k_max if self.verified_gain(spec) > 1.0 else 0
+        key = self._key(spec)
+        if best:
+            self._idle[key] = 0
+            return best
+        self._idle[key] = self._idle.get(key, 0) + 1
+        if self._idle[key] >= self.probe_every:
+            self._idle[key] = 0
+            return 1 if spec.mode == "self_speculative" else k_max
+        return 0

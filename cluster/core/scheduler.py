@@ -243,8 +243,8 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return out
 
-    @staticmethod
-    def _update_spec(req: Request, sr: ScheduledRequest, runner_output: ModelRunnerOutput, tokens: list[int]) -> None:
+    def _update_spec(self, req: Request, sr: ScheduledRequest, runner_output: ModelRunnerOutput,
+                     tokens: list[int]) -> None:
         """Bookkeeping of a verification: the rows of the last sampled token and of the accepted drafts
         have their KV complete at every layer (``len(tokens)`` rows: accepted drafts + 1); the slots
         of rejected drafts stay reserved in the block table and are overwritten by later tokens."""
@@ -252,7 +252,9 @@ class Scheduler:
         req.num_draft_tokens += runner_output.num_drafts.get(req.request_id, 0)
         req.num_accepted_tokens += len(tokens) - 1
         req.num_verify_steps += 1
-        req.num_spec_rejections += len(tokens) - 1 < runner_output.num_drafts.get(req.request_id, 0)
+        drafts = runner_output.num_drafts.get(req.request_id, 0)
+        req.num_spec_rejections += len(tokens) - 1 < drafts
+        self.draft_control.observe(sr.spec, drafts, len(tokens) - 1)
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params

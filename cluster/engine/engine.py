@@ -229,7 +229,8 @@ class LLMEngine:
             if ec is None or not ec.exit_layers:
                 raise InvalidRequestError("early_exit", "early_exit.mode: 'verified' needs exit layers; this "
                                           "engine runs the full model")
-            spec = SpecParams("verified", None, k, self.draft_cost(None))
+            spec = SpecParams("verified", None, k, self.draft_cost(None),
+                              adaptive=(ec.adaptive_drafts and req.num_draft_tokens is None))
         else:
             e = req.draft_layer or (ec.default_draft_layer if ec is not None else None) or max(1, L // 4)
             if not 1 <= e < L:
