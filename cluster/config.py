@@ -229,13 +229,16 @@ class ExitConfig:
         draft_vocab: drafts use the FR-Spec reduced-vocabulary LM head (Zhao et al., arXiv 2502.14856)
             when ``heads_path`` holds one (``frspec.token_ids``, written by ``eeserve train-exits``):
             a draft then reads ``N / V`` of the LM head (verification always uses the full head).
-        adaptive_drafts: ``self_speculative`` drafts as many tokens (0 to ``num_draft_tokens``) as its
-            measured acceptance pays for, by a cost model of the draft (:mod:`cluster.core.draft_control`),
-            so the mode is not slower than the full model on a model whose early layers predict
-            badly; False: always ``num_draft_tokens`` (LayerSkip's fixed setting).
+        adaptive_drafts: the lossless modes draft only while their measured acceptance pays for the
+            drafts by a cost model (:mod:`cluster.core.draft_control`): ``self_speculative`` picks 0 to
+            ``num_draft_tokens`` drafts, ``verified`` drafts or decodes at full depth, so neither is
+            slower than the full model on a model whose early layers predict badly (a probe every 32
+            steps keeps the estimate fresh); False: always draft (LayerSkip's fixed setting).
         spec_max_batch: speculation runs only while at most this many sequences decode in the
-            iteration; larger batches verify at full depth without drafts (a large batch is compute-
-            bound, where drafting costs more than it saves; vLLM's ``speculative_disable_by_batch_size``).
+            iteration; larger batches decode at full depth without drafts (vLLM's
+            ``speculative_disable_by_batch_size``). Default 1: measured on the default model, drafting
+            at batch 4 ran at 0.60x of the full model (the drafting passes of different sequences
+            run one after another) against 0.89x at batch 1 (bench/spec.py, before draft control).
     """
 
     exit_layers: tuple[int, ...] = ()
@@ -248,7 +251,7 @@ class ExitConfig:
     mode: Optional[str] = None
     draft_layer: Optional[int] = None
     num_draft_tokens: int = 4
-    spec_max_batch: int = 8
+    spec_max_batch: int = 1
     draft_vocab: bool = True
     adaptive_drafts: bool = True
 

@@ -46,7 +46,8 @@ def exits(**kw) -> ExitConfig:
     Draft lengths are fixed (``adaptive_drafts=False``, LayerSkip's setting): the adaptive controller
     judges drafts from layer 2 of this model too costly (its LM head is most of its weights) and would
     rightly stop drafting, leaving nothing to verify."""
-    base = dict(exit_layers=(2, 4), threshold=0.3, draft_layer=2, num_draft_tokens=4, adaptive_drafts=False)
+    base = dict(exit_layers=(2, 4), threshold=0.3, draft_layer=2, num_draft_tokens=4, adaptive_drafts=False,
+                spec_max_batch=16)
     base.update(kw)
     return ExitConfig(**base)
 
@@ -554,16 +555,15 @@ def test_modes_on_engine_without_exits(damped_model_dir, full):
     """``early_exit=None``: ``self_speculative`` with a draft layer works (the shared head: final norm +
     LM head, LayerSkip); ``verified`` has no exits to draft from and is refused.
 
-    Without an exit config the draft length is adaptive: drafts from layer 2 of this model cost about a
-    full step (the LM head is most of its weights), so the controller drafts only its periodic probes
-    (one draft every 32 decode steps); 40 tokens hold one."""
+    Without an exit config drafting runs at batch 1 only (``spec_max_batch`` 1), so the requests run
+    one after another; the draft length they ask for is used as is."""
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     ref = reference(full, PROMPTS[:3], params)
     llm = make_llm(damped_model_dir, None)
     try:
         reqs = [request(llm, p, params, exit_mode="self_speculative", draft_layer=2, num_draft_tokens=3)
                 for p in PROMPTS[:3]]
-        outs = run(llm, reqs)
+        outs = [run(llm, [r])[0] for r in reqs]
         assert [o.token_ids for o in outs] == ref
         assert all(o.num_verify_steps > 0 for o in outs), [o.num_verify_steps for o in outs]
         with pytest.raises(InvalidRequestError) as e:
@@ -588,7 +588,13 @@ def test_default_model_lossless_modes_equal_full_model(default_model_dir):
     held-out prompts, and the lossless modes match one of the two)."""
     from cluster.engine.protocol import CompletionOutput, EngineRequest
 
-    llm = LLM(default_model_dir, quantization="none")
+    import dataclasses
+
+    from cluster.llm import model_exit_config
+
+    shipped = model_exit_config(default_model_dir, 30)
+    llm = LLM(default_model_dir, quantization="none",
+              early_exit=dataclasses.replace(shipped, spec_max_batch=8, adaptive_drafts=False))
     try:
         eng = llm.engine
         chats = ["What are the three largest planets in the solar system?", "Write a haiku about rain.",

@@ -78,7 +78,7 @@ class LLMEngine:
             report = self.workers.memory_report()
         self.memory_report = report
         self.scheduler = Scheduler(scheduler_config, cache_config, self.num_blocks,
-                                   spec_max_batch=exit_config.spec_max_batch if exit_config is not None else 8)
+                                   spec_max_batch=exit_config.spec_max_batch if exit_config is not None else 1)
         gib = 1 << 30
         logger.info("engine on %s (%s, tensor_parallel_size=%d): weights %.3f GiB, KV cache %.3f GiB = %d blocks "
                     "x %d tokens per rank%s", parallel_config.device, model_config.dtype,
@@ -229,8 +229,7 @@ class LLMEngine:
             if ec is None or not ec.exit_layers:
                 raise InvalidRequestError("early_exit", "early_exit.mode: 'verified' needs exit layers; this "
                                           "engine runs the full model")
-            spec = SpecParams("verified", None, k, self.draft_cost(None),
-                              adaptive=(ec.adaptive_drafts and req.num_draft_tokens is None))
+            spec = SpecParams("verified", None, k, self.draft_cost(None), adaptive=ec.adaptive_drafts)
         else:
             e = req.draft_layer or (ec.default_draft_layer if ec is not None else None) or max(1, L // 4)
             if not 1 <= e < L:
