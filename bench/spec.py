@@ -156,7 +156,7 @@ def main(argv=None):
     # per draft layer: fixed-length drafts (no adaptive control) at batch 1, and the cost model's bound
     layer_rows = []
     ps = prompts[:args.layer_prompts]
-    if True:  # a per-request num_draft_tokens is a fixed draft length
+    if args.layer_prompts:  # a per-request num_draft_tokens is a fixed draft length
         for E in ec.exit_layers:
             outs, dt = run_batch(llm, ps, 1, sp, exit_mode="self_speculative", draft_layer=E, num_draft_tokens=1)
             a = sum(o.num_accepted_tokens for o in outs) / max(1, sum(o.num_draft_tokens for o in outs))
@@ -165,7 +165,8 @@ def main(argv=None):
             best_k = max(range(0, 9), key=lambda kk: DraftLengthController.gain(a, kk, c))
             layer_rows.append({"draft_layer": E, "acceptance_k1": round(a, 3), "draft_cost": round(c, 3),
                                "bound_speedup": round(gain, 3), "best_k": best_k})
-    print_table(layer_rows, ["draft_layer", "acceptance_k1", "draft_cost", "best_k", "bound_speedup"])
+    if layer_rows:
+        print_table(layer_rows, ["draft_layer", "acceptance_k1", "draft_cost", "best_k", "bound_speedup"])
     plot_frontier(rows, RESULTS / f"{args.name}-frontier.png")
     save(args.name, {"rows": rows, "draft_layers": layer_rows, "prompts": source, "max_tokens": args.max_tokens,
                      "num_draft_tokens": k, "exit_config": {"exit_layers": list(ec.exit_layers), "policy": ec.policy,
