@@ -63,3 +63,18 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in cols))
+
+
+def shipped_heads_workspace():
+    """The default model's shipped exit config and the exit-training workspace of its heads' data
+    splits (the ones recorded in the heads file): ``(model_dir, exit_config, workspace)``."""
+    from cluster.engine.factory import model_exit_config_path, read_exit_config
+    from cluster.model.loader import resolve_model_dir
+    from cluster.training.pipeline import DataSettings, Workspace, read_heads_metadata
+
+    model_dir = resolve_model_dir(None)
+    cfg = read_exit_config(model_exit_config_path(model_dir))
+    sp = json.loads(read_heads_metadata(cfg.heads_path).get("splits", "{}"))
+    data = DataSettings(max_new_tokens=sp.get("max_new_tokens", 192), num_calib=sp.get("num_calib", 40),
+                        num_test=sp.get("num_test", 24), max_train=sp.get("max_train", 0), split_seed=sp.get("seed", 0))
+    return model_dir, cfg, Workspace.open(None, data)

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from bench.common import print_table, save
+from bench.common import print_table, save, shipped_heads_workspace
 
 
 def main(argv=None):
@@ -31,21 +31,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from cluster.config import ExitConfig
-    from cluster.engine.factory import model_exit_config_path, read_exit_config
+    from cluster.engine.factory import model_exit_config_path
     from cluster.model.exits import ExitHeads
-    from cluster.model.loader import build_model, resolve_model_dir
+    from cluster.model.loader import build_model
     from cluster.training.calibrate import CostModel, choose_thresholds, policy_stats
     from cluster.training.evaluate import exit_predictions
     from cluster.training.features import cached_features
-    from cluster.training.pipeline import DataSettings, Workspace, read_heads_metadata
 
-    model_dir = resolve_model_dir(None)
-    cfg = read_exit_config(model_exit_config_path(model_dir))
-    meta = read_heads_metadata(cfg.heads_path)
-    sp = json.loads(meta.get("splits", "{}"))
-    data = DataSettings(max_new_tokens=sp.get("max_new_tokens", 192), num_calib=sp.get("num_calib", 40),
-                        num_test=sp.get("num_test", 24), max_train=sp.get("max_train", 0), split_seed=sp.get("seed", 0))
-    ws = Workspace.open(None, data)
+    model_dir, cfg, ws = shipped_heads_workspace()
     seqs = ws.sequences(("calib", "test"))
     thr = dict(zip(cfg.exit_layers, cfg.layer_thresholds or [cfg.threshold] * len(cfg.exit_layers)))
     target = float(json.load(open(model_exit_config_path(model_dir))).get("calibration", {}).get("target", 0.95))

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import time
 
 import torch
 
-from bench.common import print_table, save
+from bench.common import print_table, save, shipped_heads_workspace
 
 SIZES = (2048, 4096, 8192, 16384)
 
@@ -79,21 +78,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from cluster.config import ExitConfig
-    from cluster.engine.factory import model_exit_config_path, read_exit_config, resolve_quantization
+    from cluster.engine.factory import resolve_quantization
     from cluster.model.exits import ExitHeads
     from cluster.model.frspec import ReducedLMHead
-    from cluster.model.loader import build_model, resolve_model_dir
+    from cluster.model.loader import build_model
     from cluster.training.features import cached_features
     from cluster.training.frspec import add_draft_vocab, coverage, select_vocab
-    from cluster.training.pipeline import DataSettings, Workspace, read_heads_metadata
 
-    model_dir = resolve_model_dir(None)
-    cfg = read_exit_config(model_exit_config_path(model_dir))
-    meta = read_heads_metadata(cfg.heads_path)
-    sp = json.loads(meta.get("splits", "{}"))
-    data = DataSettings(max_new_tokens=sp.get("max_new_tokens", 192), num_calib=sp.get("num_calib", 40),
-                        num_test=sp.get("num_test", 24), max_train=sp.get("max_train", 0), split_seed=sp.get("seed", 0))
-    ws = Workspace.open(None, data)
+    model_dir, cfg, ws = shipped_heads_workspace()
     mc = ws.model_config
     V, eos = mc.vocab_size, tuple(mc.eos_token_ids)
     test = ws.sequences(("test",), progress=False)["test"]
