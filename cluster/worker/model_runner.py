@@ -326,7 +326,7 @@ class ModelRunner:
 
     def _rerun_stop_exits(self, so: SchedulerOutput, rows_of, result: ExitResult) -> None:
         dev = result.logits.device
-        plain = self._plain_rows(so, rows_of or {})  # only plain rows take lossy exits
+        plain = self._sample_layout(so, rows_of or {})[1]  # only plain rows take lossy exits
         exited = result.exited_rows
         idx = host_to_device(exited, torch.long, dev)
         top, depth = torch.stack([result.logits.index_select(0, idx).argmax(dim=-1),
@@ -348,16 +348,18 @@ class ModelRunner:
         result.exit_layers.index_fill_(0, idx, self.model_config.num_layers)
 
     @staticmethod
-    def _plain_rows(so: SchedulerOutput, rows_of: dict[str, RowState]) -> dict[int, "ScheduledRequest"]:
-        """Sample row -> request for the requests sampled the plain way (one row each)."""
-        out, j = {}, 0
+    def _sample_layout(so: SchedulerOutput, rows_of: dict[str, RowState]) -> tuple[dict[str, int], dict[int, "ScheduledRequest"]]:
+        """Where each request's rows sit among the sample rows (:meth:`prepare`'s order): ``({request
+        with rows_of: its first sample row}, {sample row: request sampled the plain way})``."""
+        first, plain, j = {}, {}, 0
         for sr in so.scheduled:
             if sr.request_id in rows_of:
+                first[sr.request_id] = j
                 j += len(rows_of[sr.request_id].depths)
             elif sr.sample:
-                out[j] = sr
+                plain[j] = sr
                 j += 1
-        return out
+        return first, plain
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> Optional[ModelRunnerOutput]:
@@ -384,17 +386,10 @@ class ModelRunner:
         dev, vocab = logits.device, logits.shape[1]
         out = ModelRunnerOutput()
         if rows_of:
-            first, j = {}, 0
-            for sr in so.scheduled:
-                if sr.request_id in rows_of:
-                    first[sr.request_id] = j
-                    j += len(rows_of[sr.request_id].depths)
-                elif sr.sample:
-                    j += 1
+            first, plain = self._sample_layout(so, rows_of)
             out.spec_token_ids, out.spec_exit_layers, out.failed = self.spec_decoder.accept(
                 spec, rows_of, logits, first)
             out.num_drafts = {rid: len(rs.drafts) for rid, rs in rows_of.items()}
-            plain = self._plain_rows(so, rows_of)
             if not plain:
                 return out
             idx = host_to_device(list(plain), torch.long, dev)
