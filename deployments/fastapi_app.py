@@ -86,8 +86,15 @@ def errors(*codes: int) -> dict:
 def ok(model, stream: bool = False) -> dict:
     r = {"model": model, "description": "the result" + (" (SSE chunks when stream is true)" if stream else "")}
     if stream:
-        r["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        r["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
     return {200: r}
+
+
+# One server-sent event of a stream. Before OpenAPI 3.2 (``itemSchema``), the ``schema`` of an event-stream
+# media type describes each event, parsed into its fields (https://spec.openapis.org/oas/v3.2.0#sequential-media-types).
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk object, a JSON error object, or [DONE]"},
+    "event": {"type": "string"}, "id": {"type": "string"}}}
 
 
 GENERATE_RESPONSES = errors(400, 401, 404, 500, 503)
