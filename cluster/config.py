@@ -232,8 +232,8 @@ class ExitConfig:
         adaptive_drafts: the lossless modes draft only while their measured acceptance pays for the
             drafts by a cost model (:mod:`cluster.core.draft_control`): ``self_speculative`` picks 0 to
             ``num_draft_tokens`` drafts, ``verified`` drafts or decodes at full depth, so neither is
-            slower than the full model on a model whose early layers predict badly (a probe every 32
-            steps keeps the estimate fresh); False: always draft (LayerSkip's fixed setting).
+            slower than the full model on a model whose early layers predict badly (probes after 32
+            steps, backing off to 512, keep the estimate fresh); False: always draft (LayerSkip's fixed setting).
         spec_max_batch: speculation runs only while at most this many sequences decode in the
             iteration; larger batches decode at full depth without drafts (vLLM's
             ``speculative_disable_by_batch_size``). Default 1: measured on the default model, drafting

@@ -45,7 +45,7 @@ def test_gain_is_the_geometric_expectation_over_cost():
 
 
 def test_controller_stops_drafting_when_it_does_not_pay_and_probes_again():
-    c = DraftLengthController(probe_every=4)
+    c = DraftLengthController(probe_every=4, max_probe_every=16)
     req = spec_req("a", k=4, cost=0.3, adaptive=True)
     assert c.num_drafts(req, 4) > 0  # the prior is optimistic: start by drafting
     req.spec = spec = SpecParams("self_speculative", 2, 4, 0.6, True)
@@ -53,8 +53,9 @@ def test_controller_stops_drafting_when_it_does_not_pay_and_probes_again():
         c.observe(spec, 1, 0)
     c.observe(spec, 1, 1)
     c.observe(spec, 1, 1)
-    ks = [c.num_drafts(req, 4) for _ in range(8)]
-    assert ks == [0, 0, 0, 1, 0, 0, 0, 1]  # a probing draft every probe_every steps
+    ks = [c.num_drafts(req, 4) for _ in range(60)]
+    # a probing draft after probe_every steps, then twice as long after each probe that does not pay
+    assert [i for i, k in enumerate(ks) if k] == [3, 11, 27, 43, 59] and set(ks) == {0, 1}
     other = spec_req("o", k=4, cost=0.6, adaptive=True)  # the estimate is shared by the mode and layer
     assert c.num_drafts(other, 4) == 0
     for _ in range(200):  # a ~ 0.9: drafts pay (best k = 2 at c = 0.6)
@@ -62,6 +63,10 @@ def test_controller_stops_drafting_when_it_does_not_pay_and_probes_again():
     assert c.num_drafts(req, 4) == 2
     req.spec = SpecParams("self_speculative", 2, 4, 0.1, True)
     assert c.num_drafts(req, 4) == 4 or c.acceptance(req.spec) < 0.95  # cheap drafts: long ones
+    req.spec = spec
+    for _ in range(2000):  # paying no more: probing starts again at probe_every, then backs off
+        c.observe(spec, 1, 0)
+    assert [i for i, k in enumerate(c.num_drafts(req, 4) for _ in range(12)) if k] == [3, 11]
     fixed = spec_req("b", k=3, cost=0.9, adaptive=False)
     assert c.num_drafts(fixed, 3) == 3  # LayerSkip's fixed setting: always k
 
@@ -73,7 +78,7 @@ def test_verified_drafts_only_while_the_measured_gain_beats_the_full_model():
     for _ in range(50):  # 1.2 tokens per iteration for 0.3 drafts: slower than the full model
         c.observe(v.spec, 1, 1) if _ % 5 == 0 else c.observe(v.spec, 0, 0)
     assert c.verified_gain(v.spec) < 1.0
-    assert [c.num_drafts(v, 5) for _ in range(6)] == [0, 0, 5, 0, 0, 5]
+    assert [c.num_drafts(v, 5) for _ in range(9)] == [0, 0, 5, 0, 0, 0, 0, 0, 5]
     for _ in range(300):  # 3 tokens per iteration
         c.observe(v.spec, 3, 2)
     assert c.verified_gain(v.spec) > 1.0 and c.num_drafts(v, 5) == 5

@@ -17,7 +17,9 @@ the model and its exits) and drafts only when the modelled gain beats the full m
   Drafting stops (full-depth decode without exit checks) while ``t`` does not beat that cost.
 
 Without drafting, one iteration in :attr:`probe_every` decode steps drafts anyway, so the estimates
-follow the text. This is the adaptive draft length of dynamic speculative decoding (e.g. SpecDec++,
+follow the text; each probe after which drafting still does not pay doubles that interval (up to
+:attr:`max_probe_every`), and drafting resets it, so a model whose drafts never pay loses almost
+nothing to probes. This is the adaptive draft length of dynamic speculative decoding (e.g. SpecDec++,
 Huang et al. 2024) with a closed-form rule.
 """
 from __future__ import annotations
@@ -36,19 +38,23 @@ class DraftLengthController:
         prior_acceptance, prior_weight: a Beta-style prior on the per-draft acceptance (``prior_weight``
             pseudo-verifications), so an engine starts by trying drafts.
         probe_every: decode steps without drafts (per mode and draft layer) before one probing iteration.
+        max_probe_every: the interval doubles after each probe that does not make drafting pay, up to this.
         decay: each verification multiplies the older counts by this (recent text weighs more).
     """
 
     def __init__(self, prior_acceptance: float = 0.6, prior_weight: float = 4.0, probe_every: int = 32,
-                 decay: float = 0.995, verified_pass_cost: float = VERIFIED_PASS_COST):
+                 max_probe_every: int = 512, decay: float = 0.995,
+                 verified_pass_cost: float = VERIFIED_PASS_COST):
         self.prior_acceptance = prior_acceptance
         self.prior_weight = prior_weight
         self.probe_every = probe_every
+        self.max_probe_every = max(max_probe_every, probe_every)
         self.decay = decay
         self.verified_pass_cost = verified_pass_cost
         # (mode, draft_layer) -> [accepted drafts, rejections, drafts, verifications] (decayed)
         self.stats: dict[tuple, list[float]] = {}
         self._idle: dict[tuple, int] = {}
+        self._interval: dict[tuple, int] = {}  # current probing interval (backs off while drafts do not pay)
 
     @staticmethod
     def _key(spec: SpecParams) -> tuple:
@@ -97,9 +103,12 @@ class DraftLengthController:
         key = self._key(spec)
         if best:
             self._idle[key] = 0
+            self._interval[key] = self.probe_every
             return best
         self._idle[key] = self._idle.get(key, 0) + 1
-        if self._idle[key] >= self.probe_every:
+        interval = self._interval.get(key, self.probe_every)
+        if self._idle[key] >= interval:
             self._idle[key] = 0
+            self._interval[key] = min(2 * interval, self.max_probe_every)
             return 1 if spec.mode == "self_speculative" else k_max
         return 0
