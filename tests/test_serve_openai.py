@@ -338,13 +338,20 @@ def test_errors_through_client_and_still_serving(client):
     assert r.usage.completion_tokens == 12
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_client_disconnect_aborts_and_frees_blocks(server, path):
+@pytest.mark.parametrize("path,early_exit", [
+    ("/v1/completions", None), ("/v1/chat/completions", None), ("/v1/chat/completions", {"mode": "verified"}),
+    ("/v1/completions", {"mode": "self_speculative", "draft_layer": 1, "num_draft_tokens": 3})],
+    ids=["completions", "chat", "chat-verified", "completions-self_speculative"])
+def test_client_disconnect_aborts_and_frees_blocks(server, path, early_exit):
+    """A client that drops its stream aborts the request, drafting or not: its blocks (the drafts'
+    reserved slots included) are freed and the engine goes on."""
     from deployments.testing import llm_handle
 
     handle = llm_handle(APP)
     before = handle.stats.remote().result()
     body = {"model": MODEL, "max_tokens": 300, "stream": True, "temperature": 0, "ignore_eos": True}
+    if early_exit:
+        body["early_exit"] = early_exit
     if "chat" in path:
         body["messages"] = [{"role": "user", "content": "Once upon a time"}]
     else:
@@ -369,6 +376,22 @@ def test_client_disconnect_aborts_and_frees_blocks(server, path):
     generated = stats["num_generated_tokens"] - before["num_generated_tokens"]
     assert generated < 300, "the request ran to the end: not aborted"
     assert stats["num_finished_requests"] == before["num_finished_requests"]
+
+
+def test_langchain_lossless_mode_equals_the_full_model(server):
+    """LangChain's ChatOpenAI with ``early_exit`` in ``extra_body``: verified answers equal the full
+    model's, invoked and streamed."""
+    from langchain_openai import ChatOpenAI
+
+    def chat(early_exit):
+        return ChatOpenAI(base_url=f"{server}/v1", api_key=KEY, model=MODEL, temperature=0, max_tokens=16,
+                          max_retries=0, timeout=120, extra_body={"early_exit": early_exit, "ignore_eos": True})
+
+    full = chat(False).invoke("Tell me about the sea.")
+    verified = chat({"mode": "verified", "threshold": 0.0})
+    msg = verified.invoke("Tell me about the sea.")
+    assert msg.content == full.content and msg.usage_metadata["output_tokens"] == 16
+    assert "".join(c.content for c in verified.stream("Tell me about the sea.")) == full.content
 
 
 def test_curl_style_body_without_json_content_type(server):

@@ -461,45 +461,45 @@ def test_modes_on_engine_without_exits(damped_model_dir, full):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_default_model_lossless_modes_equal_full_model(default_model_dir):
     """The default model (shipped exit heads, FR-Spec draft head): verified and fixed-length
-    self_speculative greedy answers equal the full model's, token for token, in one mixed batch.
+    self_speculative greedy answers equal the full model's, token for token, alone (batch 1) and in
+    one mixed batch of 10 (4 verified, 4 self_speculative, 2 lossy) with chunked prefill, prefix
+    cache hits (the chat template's shared system prompt) and preemption.
 
     Float weights: the int4 CPU kernel rounds differently with the number of rows, so there the
     full model itself is not batch-invariant (its batch-1 and batch-4 answers differ on 1 of 16
     held-out prompts, and the lossless modes match one of the two)."""
-    from cluster.engine.protocol import CompletionOutput, EngineRequest
-
     import dataclasses
 
     from cluster.llm import model_exit_config
 
     shipped = model_exit_config(default_model_dir, 30)
-    llm = LLM(default_model_dir, quantization="none",
-              early_exit=dataclasses.replace(shipped, spec_max_batch=8, adaptive_drafts=False))
+    llm = LLM(default_model_dir, quantization="none", num_blocks=24, max_num_batched_tokens=48,
+              early_exit=dataclasses.replace(shipped, spec_max_batch=16, adaptive_drafts=False))
     try:
-        eng = llm.engine
         chats = ["What are the three largest planets in the solar system?", "Write a haiku about rain.",
-                 "Explain what a CPU cache is in two sentences."]
+                 "Explain what a CPU cache is in two sentences.", "¿Cuál es la capital de Francia?"]
         ids = [llm.apply_chat_template([{"role": "user", "content": c}]) for c in chats]
         sp = SamplingParams(max_tokens=40, ignore_eos=True)
         full = [o.token_ids for o in llm.generate(ids, sp, exit_threshold=2.0)]
         modes = [dict(exit_mode="verified"), dict(exit_mode="self_speculative", draft_layer=26, num_draft_tokens=2)]
-        outs = {}
-        for m, mode in enumerate(modes):
-            for i, p in enumerate(ids):
-                rid = f"dm-{m}-{i}"
-                eng.add_request(EngineRequest(request_id=rid, prompt_token_ids=p, sampling_params=sp, **mode))
-                outs[rid] = CompletionOutput(rid, p)
-        while eng.has_unfinished_requests():
-            for d in eng.step():
-                outs[d.request_id].add(d)
-        for m in range(len(modes)):
-            for i in range(len(ids)):
-                assert outs[f"dm-{m}-{i}"].token_ids == full[i], (modes[m], i)
-        drafts = [o.num_draft_tokens for o in outs.values()]
-        assert sum(drafts[3:]) > 0 and sum(o.num_accepted_tokens for o in outs.values()) > 0
-        eng.check_integrity()
+
+        def req(i, **mode):
+            return EngineRequest(request_id=f"dm{next(_ids)}", prompt_token_ids=ids[i], sampling_params=sp, **mode)
+
+        for mode in modes:  # batch 1
+            (alone,) = run(llm, [req(0, **mode)])
+            assert alone.token_ids == full[0], mode
+            assert alone.num_verify_steps > 0
+        mixed = [req(i, **mode) for mode in modes for i in range(len(ids))] + [req(0), req(1)]
+        outs = run(llm, mixed[:6], {3: mixed[6:]})  # the last four arrive while the first six decode
+        for j, o in enumerate(outs[:8]):
+            assert o.token_ids == full[j % 4], (mixed[j].exit_mode, j)
+        sched = llm.engine.scheduler
+        assert sched.num_preemptions > 0 and sched.block_manager.prefix_cache_hits > 0
+        assert sum(o.num_draft_tokens for o in outs[4:8]) > 0 and sum(o.num_accepted_tokens for o in outs) > 0
+        assert_idle(llm)
     finally:
         llm.shutdown()
