@@ -379,19 +379,21 @@ def test_client_disconnect_aborts_and_frees_blocks(server, path, early_exit):
 
 
 def test_langchain_lossless_mode_equals_the_full_model(server):
-    """LangChain's ChatOpenAI with ``early_exit`` in ``extra_body``: verified answers equal the full
-    model's, invoked and streamed."""
+    """LangChain's ChatOpenAI with ``early_exit`` in ``extra_body``: verified answers to a Chinese,
+    French and emoji prompt equal the full model's, invoked and streamed (a streamed delta may carry
+    several verified tokens: the streaming decoder still splits no character)."""
     from langchain_openai import ChatOpenAI
 
     def chat(early_exit):
         return ChatOpenAI(base_url=f"{server}/v1", api_key=KEY, model=MODEL, temperature=0, max_tokens=16,
                           max_retries=0, timeout=120, extra_body={"early_exit": early_exit, "ignore_eos": True})
 
-    full = chat(False).invoke("Tell me about the sea.")
+    prompt = "讲讲大海和鱼 🌊🐠, s'il te plaît"
+    full = chat(False).invoke(prompt)
     verified = chat({"mode": "verified", "threshold": 0.0})
-    msg = verified.invoke("Tell me about the sea.")
+    msg = verified.invoke(prompt)
     assert msg.content == full.content and msg.usage_metadata["output_tokens"] == 16
-    assert "".join(c.content for c in verified.stream("Tell me about the sea.")) == full.content
+    assert "".join(c.content for c in verified.stream(prompt)) == full.content
 
 
 def test_curl_style_body_without_json_content_type(server):
