@@ -75,6 +75,4 @@ def shipped_heads_workspace():
     model_dir = resolve_model_dir(None)
     cfg = read_exit_config(model_exit_config_path(model_dir))
     sp = json.loads(read_heads_metadata(cfg.heads_path).get("splits", "{}"))
-    data = DataSettings(max_new_tokens=sp.get("max_new_tokens", 192), num_calib=sp.get("num_calib", 40),
-                        num_test=sp.get("num_test", 24), max_train=sp.get("max_train", 0), split_seed=sp.get("seed", 0))
-    return model_dir, cfg, Workspace.open(None, data)
+    return model_dir, cfg, Workspace.open(None, DataSettings.from_splits_meta(sp))

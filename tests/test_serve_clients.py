@@ -45,8 +45,9 @@ def test_non_ascii_streamed_equals_nonstreamed_and_offline(client):
     # depend on the thread count (measured: the full model's Chinese answer differs at 1 and 2 threads)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    llm = LLM()
+    llm = None
     try:
+        llm = LLM()
         offline = {name: llm.chat(m, SamplingParams(max_tokens=48, temperature=0))[0].text
                    for name, m in PROMPTS.items()}
         raw = {name: llm.generate(m[0]["content"], SamplingParams(max_tokens=24, temperature=0, stop=["\n"]))[0]
@@ -55,7 +56,8 @@ def test_non_ascii_streamed_equals_nonstreamed_and_offline(client):
         # invalid UTF-8 in the middle of the text (tokenizer.decode shows the same)
         raw_ref = {name: (o.text, llm.tokenizer.decode(o.token_ids)) for name, o in raw.items()}
     finally:
-        llm.shutdown()
+        if llm is not None:
+            llm.shutdown()
         torch.set_num_threads(threads)
     for name in sorted(PROMPTS):
         check_non_ascii(client, name, offline[name], raw_ref[name])

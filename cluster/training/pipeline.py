@@ -54,6 +54,14 @@ class DataSettings:
         return {"seed": self.split_seed, "num_calib": self.num_calib, "num_test": self.num_test,
                 "max_train": self.max_train, "max_new_tokens": self.max_new_tokens}
 
+    @classmethod
+    def from_splits_meta(cls, sp: dict) -> "DataSettings":
+        """The settings whose splits a heads file records (:meth:`splits_meta`); defaults where absent."""
+        d = cls()
+        return cls(max_new_tokens=sp.get("max_new_tokens", d.max_new_tokens),
+                   num_calib=sp.get("num_calib", d.num_calib), num_test=sp.get("num_test", d.num_test),
+                   max_train=sp.get("max_train", d.max_train), split_seed=sp.get("seed", d.split_seed))
+
 
 @dataclass
 class Workspace:
@@ -312,10 +320,7 @@ def calibrate_config(config_path: str, ws: Optional[Workspace] = None, model: Op
     meta = read_heads_metadata(cfg.heads_path)
     sp = json.loads(meta.get("splits", "{}"))
     if ws is None:
-        data = DataSettings(max_new_tokens=sp.get("max_new_tokens", 192), num_calib=sp.get("num_calib", 40),
-                            num_test=sp.get("num_test", 24), max_train=sp.get("max_train", 0),
-                            split_seed=sp.get("seed", 0))
-        ws = Workspace.open(model, data, work_dir, log=log)
+        ws = Workspace.open(model, DataSettings.from_splits_meta(sp), work_dir, log=log)
     if meta.get("base_model_fingerprint") not in (None, ws.fingerprint):
         raise ValueError(f"calibrate: heads {cfg.heads_path} were trained for {meta['base_model_fingerprint']}, "
                          f"not for this model ({ws.fingerprint})")

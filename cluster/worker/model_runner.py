@@ -348,7 +348,8 @@ class ModelRunner:
         result.exit_layers.index_fill_(0, idx, self.model_config.num_layers)
 
     @staticmethod
-    def _sample_layout(so: SchedulerOutput, rows_of: dict[str, RowState]) -> tuple[dict[str, int], dict[int, "ScheduledRequest"]]:
+    def _sample_layout(so: SchedulerOutput,
+                       rows_of: dict[str, RowState]) -> tuple[dict[str, int], dict[int, "ScheduledRequest"]]:
         """Where each request's rows sit among the sample rows (:meth:`prepare`'s order): ``({request
         with rows_of: its first sample row}, {sample row: request sampled the plain way})``."""
         first, plain, j = {}, {}, 0
