@@ -115,7 +115,8 @@ def test_queue_overflow_is_503_with_retry_after_and_sdk_retry_succeeds(started):
     # the SDK retries 503 after Retry-After; the queue drains and a retry gets through
     statuses = []
     http = httpx.Client(event_hooks={"response": [lambda resp: statuses.append(resp.status_code)]})
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=8, timeout=60, http_client=http)
+    # two 400-token requests ahead of it take ~4-15 s on a 2-core machine; Retry-After is 1 s: enough retries
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=40, timeout=60, http_client=http)
     for t in busy:
         t.join(120)
     busy = _long_requests(url, 2)
