@@ -127,7 +127,7 @@ def main(argv=None):
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     k = args.num_draft_tokens
     variants = {
-        "full": dict(exit_threshold=2.0),
+        "full": dict(early_exit=False),
         "lossy": dict(exit_mode=ec.policy),
         **{f"lossy@{t}": dict(exit_mode=ec.policy, exit_threshold=t) for t in args.lossy_thresholds},
         "verified": dict(exit_mode="verified", num_draft_tokens=k),  # a cap; draft control stays on
@@ -137,7 +137,7 @@ def main(argv=None):
     for B in args.batch_sizes:
         ps = (prompts * (1 + max(B, args.num_prompts) // len(prompts)))[:max(B, args.num_prompts)]
         best: dict[str, tuple[list, float]] = {}
-        run_batch(llm, ps[:B], B, SamplingParams(max_tokens=8, ignore_eos=True), exit_threshold=2.0)  # warm-up
+        run_batch(llm, ps[:B], B, SamplingParams(max_tokens=8, ignore_eos=True), early_exit=False)  # warm-up
         for _ in range(args.repeats):
             for name, mode in variants.items():
                 outs, dt = run_batch(llm, ps, B, sp, **mode)

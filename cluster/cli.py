@@ -12,6 +12,7 @@ import json
 import sys
 import time
 
+from cluster.request import EXIT_MODES
 from cluster.training.cli import add_calibrate_parser, add_train_exits_parser
 
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--threshold", type=float, default=None, help="override the exit confidence threshold")
     g.add_argument("--no-early-exit", action="store_true", help="run the full model")
-    g.add_argument("--exit-mode", default=None, choices=["paper", "per_sequence", "verified", "self_speculative"],
+    g.add_argument("--exit-mode", default=None, choices=EXIT_MODES,
                    help="early-exit mode (default: the model's exit config's); verified and self_speculative are "
                         "lossless: the full model's output, exits only speed it up")
     g.add_argument("--draft-layer", type=int, default=None,

@@ -8,14 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from cluster.request import EXIT_MODES, LOSSLESS_MODES, LOSSY_MODES, ExitMode, LossyMode
+
 ConfidenceMeasure = Literal["max_prob", "top2_margin", "classifier"]
 CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "classifier")
 ExitHeadKind = Literal["shared", "trained"]
-ExitPolicy = Literal["paper", "per_sequence"]
-# Early-exit modes: the lossy policies (a token's exit-head prediction is final) and the lossless
-# speculative modes (exit-head tokens are drafts, verified by the full model; cluster.model.speculative)
-EXIT_MODES = ("paper", "per_sequence", "verified", "self_speculative")
-LOSSLESS_MODES = ("verified", "self_speculative")
 QUANT_CHOICES = ("none", "int8", "int4")  # same as cluster.model.layers.quant.QUANT_CHOICES
 
 
@@ -246,9 +243,9 @@ class ExitConfig:
     heads_path: Optional[str] = None
     confidence: ConfidenceMeasure = "max_prob"
     threshold: float = 0.9
-    policy: ExitPolicy = "paper"
+    policy: LossyMode = "paper"
     layer_thresholds: Optional[tuple[float, ...]] = None
-    mode: Optional[str] = None
+    mode: Optional[ExitMode] = None
     draft_layer: Optional[int] = None
     num_draft_tokens: int = 4
     spec_max_batch: int = 1
@@ -258,7 +255,7 @@ class ExitConfig:
     def __post_init__(self):
         if self.mode is not None and self.mode not in EXIT_MODES:
             raise ValueError(f"mode must be one of {EXIT_MODES}, got {self.mode!r}")
-        if self.mode in ("paper", "per_sequence"):
+        if self.mode in LOSSY_MODES:
             object.__setattr__(self, "policy", self.mode)
         if self.num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
@@ -276,8 +273,8 @@ class ExitConfig:
             raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
         if self.head not in ("shared", "trained"):
             raise ValueError(f"head must be 'shared' or 'trained', got {self.head!r}")
-        if self.policy not in ("paper", "per_sequence"):
-            raise ValueError(f"policy must be 'paper' or 'per_sequence', got {self.policy!r}")
+        if self.policy not in LOSSY_MODES:
+            raise ValueError(f"policy must be one of {LOSSY_MODES}, got {self.policy!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if list(self.exit_layers) != sorted(set(self.exit_layers)) or any(l < 1 for l in self.exit_layers):
@@ -323,29 +320,3 @@ class ExitConfig:
         """Exit points every quarter of the depth (e.g. 30 layers -> 8, 15, 23)."""
         layers = tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)} - {num_layers}))
         return cls(exit_layers=layers, **overrides)
-
-
-@dataclass(frozen=True)
-class SpecParams:
-    """A request's resolved lossless mode (what the scheduler and the model runner see).
-
-    ``mode``: ``verified`` or ``self_speculative``; ``draft_layer``: the forced exit layer of
-    ``self_speculative`` drafts (None for ``verified``); ``num_draft_tokens``: drafts per
-    verification (at most; with ``adaptive`` ``self_speculative`` picks fewer, or none, when its
-    acceptance does not pay for them: :mod:`cluster.core.draft_control`); ``draft_cost``: one draft's
-    cost as a fraction of a full decode step.
-    """
-
-    mode: str
-    draft_layer: Optional[int]
-    num_draft_tokens: int
-    draft_cost: float = 0.5
-    adaptive: bool = True
-
-    def __post_init__(self):
-        if self.mode not in LOSSLESS_MODES:
-            raise ValueError(f"mode must be one of {LOSSLESS_MODES}, got {self.mode!r}")
-        if self.mode == "self_speculative" and self.draft_layer is None:
-            raise ValueError("self_speculative needs a draft_layer")
-        if self.num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")

@@ -10,7 +10,7 @@ from cluster.config import ExitConfig
 from cluster.engine.factory import (ASSETS_DIR, EXIT_CONFIG_FILE, MODEL_DEFAULT, create_engine,  # noqa: F401
                                     load_tokenizer, model_exit_config, model_exit_config_path,
                                     model_fingerprint, read_exit_config, shipped_exit_config_path)
-from cluster.engine.protocol import CompletionOutput, EngineRequest, InvalidRequestError
+from cluster.engine.protocol import CompletionOutput, EngineRequest, InvalidRequestError, threshold_fields
 from cluster.sampling import SamplingParams
 
 _batch_ids = itertools.count()
@@ -57,7 +57,7 @@ class LLM:
             raise InvalidRequestError("params", "params: need one SamplingParams per prompt")
         base = f"llm-{next(_batch_ids)}"
         reqs = [EngineRequest(request_id=f"{base}-{i}", prompt_token_ids=self.engine.tokenize(p), sampling_params=sp,
-                              exit_threshold=exit_threshold) for i, (p, sp) in enumerate(zip(prompts, plist))]
+                              **threshold_fields(exit_threshold)) for i, (p, sp) in enumerate(zip(prompts, plist))]
         reqs = [self.engine.validate(r) for r in reqs]  # validate all before queueing any
         results = {r.request_id: CompletionOutput(r.request_id, list(r.prompt_token_ids)) for r in reqs}
         done: set[str] = set()

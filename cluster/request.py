@@ -4,10 +4,75 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, get_args
 
-from cluster.config import SpecParams
 from cluster.sampling import SamplingParams
+
+# Early-exit modes, defined here once: the lossy policies (a token's exit-head prediction is final)
+# and the lossless speculative modes (exit-head tokens are drafts that the full model verifies;
+# cluster.model.speculative). Every other module imports these names.
+LossyMode = Literal["paper", "per_sequence"]
+LosslessMode = Literal["verified", "self_speculative"]
+ExitMode = Literal[LossyMode, LosslessMode]
+LOSSY_MODES: tuple[str, ...] = get_args(LossyMode)
+LOSSLESS_MODES: tuple[str, ...] = get_args(LosslessMode)
+EXIT_MODES: tuple[str, ...] = get_args(ExitMode)
+
+
+@dataclass(frozen=True)
+class ExitPlan:
+    """How one request uses early exit, resolved once by the engine (what the scheduler and the
+    model runner see; no sentinel values).
+
+    Attributes:
+        mode: None runs the full model (no exit test); ``paper`` / ``per_sequence``: lossy exits at
+            ``threshold`` (the batch's compute policy is the engine's); ``verified`` /
+            ``self_speculative``: lossless drafts verified by the full model.
+        draft_layer: ``self_speculative``: the exit layer whose head drafts (None otherwise).
+        num_draft_tokens: lossless modes: drafts per verification (at most; with ``adaptive`` the
+            draft control may choose fewer or none: :mod:`cluster.core.draft_control`); 0 otherwise.
+        draft_cost: lossless modes: one draft's cost as a fraction of a full decode step.
+        adaptive: lossless modes: the draft control picks the draft length.
+        threshold: the confidence threshold of this request's exit tests, in ``[0, 1]``; None: the
+            exit config's (per exit layer if calibrated).
+
+    Raises:
+        ValueError: an unknown mode; a lossless mode with ``num_draft_tokens < 1``;
+            ``self_speculative`` without ``draft_layer``; draft settings with a lossy mode or the
+            full model; a threshold outside ``[0, 1]``.
+    """
+
+    mode: Optional[ExitMode] = None
+    draft_layer: Optional[int] = None
+    num_draft_tokens: int = 0
+    draft_cost: float = 0.0
+    adaptive: bool = True
+    threshold: Optional[float] = None
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in EXIT_MODES:
+            raise ValueError(f"mode must be one of {EXIT_MODES} or None, got {self.mode!r}")
+        if self.mode in LOSSLESS_MODES:
+            if self.num_draft_tokens < 1:
+                raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
+            if self.mode == "self_speculative" and self.draft_layer is None:
+                raise ValueError("self_speculative needs a draft_layer")
+        elif self.draft_layer is not None or self.num_draft_tokens:
+            raise ValueError(f"draft_layer and num_draft_tokens need a lossless mode, not {self.mode!r}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.mode in LOSSLESS_MODES
+
+    @property
+    def is_full_model(self) -> bool:
+        """No exit test at all: every token runs every layer."""
+        return self.mode is None
+
+
+FULL_MODEL = ExitPlan()
 
 
 class RequestStatus(enum.IntEnum):
@@ -44,8 +109,8 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
-    # early-exit threshold override for this request (None: engine default; > 1.0: full model)
-    exit_threshold: Optional[float] = None
+    # how this request uses early exit (resolved once by the engine); default: the full model
+    exit_plan: ExitPlan = FULL_MODEL
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)
@@ -54,8 +119,6 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: Optional[object] = None  # the stop string or token id that finished it
-    # lossless early exit (verified / self_speculative); None: lossy exits or the full model
-    spec: Optional[SpecParams] = None
     num_draft_tokens: int = 0  # drafts proposed so far
     num_accepted_tokens: int = 0  # drafts the full model confirmed
     num_verify_steps: int = 0  # iterations that verified drafts

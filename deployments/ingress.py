@@ -168,8 +168,7 @@ class OpenAIIngress:
         if isinstance(first, BaseException):
             _cancel(stream)
             raise map_error(first, prompt_param)
-        choice.replica = getattr(first, "replica", "") or ""
-        choice.exit_mode = getattr(first, "exit_mode", None)  # set by LLMServer on the first delta
+        choice.replica, choice.exit_mode = first.replica, first.exit_mode
         return _Stream(choice, first, stream)
 
     async def _start(self, pairs: list[tuple[ChoiceState, EngineRequest]],

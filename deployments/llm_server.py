@@ -105,24 +105,12 @@ class LLMServer:
                     self._recent_exits.extend(out.new_exit_layers)
                     if first:
                         first = False
-                        try:
-                            out.replica = self.replica_id  # read by the ingress (x-eeserve-replica header)
-                            out.exit_mode = self.exit_mode_of(req)  # the response's early_exit.mode
-                        except AttributeError:  # a slotted RequestOutput: no header then
-                            pass
+                        out.replica = self.replica_id  # read by the ingress (x-eeserve-replica header)
                     yield out
         except (InvalidRequestError, EngineDeadError) as e:
             yield e
         finally:
             self._active.pop(req.request_id, None)
-
-    def exit_mode_of(self, req: EngineRequest):
-        """The early-exit mode ``req`` runs: None (the full model), its own mode, the exit config's
-        mode, else the exit config's lossy policy."""
-        ec = self.engine.engine.exit_config
-        if ec is None or (req.exit_threshold is not None and req.exit_threshold > 1.0):
-            return None
-        return req.exit_mode or ec.mode or ec.policy
 
     async def model_info(self) -> dict:
         mc = self.engine.model_config

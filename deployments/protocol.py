@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from cluster.engine.protocol import FULL_MODEL_THRESHOLD, MAX_DRAFT_TOKENS, EngineRequest
+from cluster.request import EXIT_MODES, LOSSLESS_MODES, ExitMode
+from cluster.engine.protocol import MAX_DRAFT_TOKENS, EngineRequest
 from cluster.sampling import GuidedDecodingParams, SamplingParams
 
 MAX_N = 16  # choices per prompt
@@ -76,9 +77,6 @@ class ErrorResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------- requests
-ExitMode = Literal["paper", "per_sequence", "verified", "self_speculative"]
-EXIT_MODES = ("paper", "per_sequence", "verified", "self_speculative")
-LOSSLESS_MODES = ("verified", "self_speculative")
 EARLY_EXIT_KEYS = ("mode", "threshold", "draft_layer", "num_draft_tokens")
 
 
@@ -230,18 +228,12 @@ class _GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def exit_threshold(self) -> Optional[float]:
-        """Per-request threshold: None = server default; ``inf`` = full model."""
-        if self.early_exit is False:
-            return FULL_MODEL_THRESHOLD
-        if isinstance(self.early_exit, EarlyExitOption):
-            return self.early_exit.threshold
-        return None
-
     def engine_exit_fields(self) -> dict:
-        """The :class:`EngineRequest` early-exit fields of this request (None: the server's default)."""
+        """The :class:`EngineRequest` early-exit fields of this request (None: the server's default;
+        ``early_exit: false``: the full model)."""
         o = self.early_exit if isinstance(self.early_exit, EarlyExitOption) else None
-        return {"exit_threshold": self.exit_threshold(), "exit_mode": o.mode if o else None,
+        return {"early_exit": self.early_exit is not False, "exit_threshold": o.threshold if o else None,
+                "exit_mode": o.mode if o else None,
                 "draft_layer": o.draft_layer if o else None, "num_draft_tokens": o.num_draft_tokens if o else None}
 
     def num_logprobs(self) -> Optional[int]:

@@ -2,7 +2,7 @@
 bookkeeping with a fake runner that accepts a scripted number of drafts."""
 import pytest
 
-from cluster.config import SpecParams
+from cluster.request import ExitPlan
 from cluster.core.draft_control import DraftLengthController
 from cluster.core.outputs import ModelRunnerOutput
 from tests.test_scheduler import BS, make_req, make_sched
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def spec_req(rid, k=3, mode="self_speculative", cost=0.2, adaptive=False, **kw):
     req = make_req(rid, **kw)
-    req.spec = SpecParams(mode, 2 if mode == "self_speculative" else None, k, cost, adaptive)
+    req.exit_plan = ExitPlan(mode, 2 if mode == "self_speculative" else None, k, cost, adaptive)
     return req
 
 
@@ -48,7 +48,7 @@ def test_controller_stops_drafting_when_it_does_not_pay_and_probes_again():
     c = DraftLengthController(probe_every=4, max_probe_every=16)
     req = spec_req("a", k=4, cost=0.3, adaptive=True)
     assert c.num_drafts(req, 4) > 0  # the prior is optimistic: start by drafting
-    req.spec = spec = SpecParams("self_speculative", 2, 4, 0.6, True)
+    req.exit_plan = spec = ExitPlan("self_speculative", 2, 4, 0.6, True)
     for _ in range(12):  # k = 1 drafts, one in six accepted: a ~ 0.2, no k pays for c = 0.6
         c.observe(spec, 1, 0)
     c.observe(spec, 1, 1)
@@ -61,9 +61,9 @@ def test_controller_stops_drafting_when_it_does_not_pay_and_probes_again():
     for _ in range(200):  # a ~ 0.9: drafts pay (best k = 2 at c = 0.6)
         c.observe(spec, 10, 9)
     assert c.num_drafts(req, 4) == 2
-    req.spec = SpecParams("self_speculative", 2, 4, 0.1, True)
-    assert c.num_drafts(req, 4) == 4 or c.acceptance(req.spec) < 0.95  # cheap drafts: long ones
-    req.spec = spec
+    req.exit_plan = ExitPlan("self_speculative", 2, 4, 0.1, True)
+    assert c.num_drafts(req, 4) == 4 or c.acceptance(req.exit_plan) < 0.95  # cheap drafts: long ones
+    req.exit_plan = spec
     for _ in range(2000):  # paying no more: probing starts again at probe_every, then backs off
         c.observe(spec, 1, 0)
     assert [i for i, k in enumerate(c.num_drafts(req, 4) for _ in range(12)) if k] == [3, 11]
@@ -76,12 +76,12 @@ def test_verified_drafts_only_while_the_measured_gain_beats_the_full_model():
     v = spec_req("v", k=5, mode="verified", adaptive=True)
     assert c.num_drafts(v, 5) == 5  # prior: 2 tokens per iteration
     for _ in range(50):  # 1.2 tokens per iteration for 0.3 drafts: slower than the full model
-        c.observe(v.spec, 1, 1) if _ % 5 == 0 else c.observe(v.spec, 0, 0)
-    assert c.verified_gain(v.spec) < 1.0
+        c.observe(v.exit_plan, 1, 1) if _ % 5 == 0 else c.observe(v.exit_plan, 0, 0)
+    assert c.verified_gain(v.exit_plan) < 1.0
     assert [c.num_drafts(v, 5) for _ in range(9)] == [0, 0, 5, 0, 0, 0, 0, 0, 5]
     for _ in range(300):  # 3 tokens per iteration
-        c.observe(v.spec, 3, 2)
-    assert c.verified_gain(v.spec) > 1.0 and c.num_drafts(v, 5) == 5
+        c.observe(v.exit_plan, 3, 2)
+    assert c.verified_gain(v.exit_plan) > 1.0 and c.num_drafts(v, 5) == 5
 
 
 def test_drafts_reserve_slots_and_count_verified_tokens():
@@ -131,4 +131,4 @@ def test_no_drafts_when_the_batch_is_large():
     run(big, lambda r, k: 0)
     out = run(big, lambda r, k: 0)
     assert all(sr.num_draft_tokens == 0 for sr in out.scheduled)  # 3 decodes > spec_max_batch 2
-    assert all(sr.exit_threshold > 1 for sr in out.scheduled)  # and no lossy exit either: full depth
+    assert all(sr.full_depth for sr in out.scheduled)  # and no lossy exit either: full depth

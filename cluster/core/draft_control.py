@@ -8,7 +8,7 @@ the model and its exits) and drafts only when the modelled gain beats the full m
 * ``self_speculative``: with a per-draft acceptance probability ``a`` (tokens accepted independently,
   Leviathan et al. 2023, Sec. 3.1), ``k`` drafts yield ``(1 - a**(k+1)) / (1 - a)`` verified tokens
   per verification for a cost of ``1 + k * c`` full decode steps, ``c`` being one draft's cost
-  (:attr:`cluster.config.SpecParams.draft_cost`: the weight bytes of layers ``1..E`` and of the
+  (:attr:`cluster.request.ExitPlan.draft_cost`: the weight bytes of layers ``1..E`` and of the
   draft's LM head, plus a pass overhead). The ``k <= num_draft_tokens`` with the best tokens per unit
   cost is chosen; ``k = 0`` (plain full-depth decode, lossless anyway) when no ``k`` beats 1.
 * ``verified``: drafts come from confident exits, so the draft length is the data's; an iteration
@@ -24,8 +24,7 @@ Huang et al. 2024) with a closed-form rule.
 """
 from __future__ import annotations
 
-from cluster.config import SpecParams
-from cluster.request import Request
+from cluster.request import ExitPlan, Request
 
 # Measured (bench/spec.py, default model, 2-core CPU, batch 1): an extra pass of a verified iteration
 # (its metadata, exit checks with their host syncs, the embedding and the LM head of its rows) costs
@@ -57,10 +56,10 @@ class DraftLengthController:
         self._interval: dict[tuple, int] = {}  # current probing interval (backs off while drafts do not pay)
 
     @staticmethod
-    def _key(spec: SpecParams) -> tuple:
+    def _key(spec: ExitPlan) -> tuple:
         return spec.mode, spec.draft_layer
 
-    def observe(self, spec: SpecParams, num_drafts: int, num_accepted: int) -> None:
+    def observe(self, spec: ExitPlan, num_drafts: int, num_accepted: int) -> None:
         """Record one verification of ``num_drafts`` drafts, ``num_accepted`` of them accepted."""
         s = self.stats.setdefault(self._key(spec), [0.0, 0.0, 0.0, 0.0])
         for i in range(4):
@@ -70,7 +69,7 @@ class DraftLengthController:
         s[2] += num_drafts
         s[3] += 1
 
-    def acceptance(self, spec: SpecParams) -> float:
+    def acceptance(self, spec: ExitPlan) -> float:
         """Estimated per-draft acceptance: accepted drafts over accepted drafts + rejections."""
         acc, rej, _, _ = self.stats.get(self._key(spec), (0.0, 0.0, 0.0, 0.0))
         return (acc + self.prior_weight * self.prior_acceptance) / (acc + rej + self.prior_weight)
@@ -81,7 +80,7 @@ class DraftLengthController:
         tokens = k + 1 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
         return tokens / (1.0 + k * c)
 
-    def verified_gain(self, spec: SpecParams) -> float:
+    def verified_gain(self, spec: ExitPlan) -> float:
         """``verified``: measured verified tokens per iteration over the iteration's modelled cost
         (prior: 2 tokens and 1 draft per iteration, ``prior_weight`` iterations)."""
         acc, _, drafts, steps = self.stats.get(self._key(spec), (0.0, 0.0, 0.0, 0.0))
@@ -92,7 +91,7 @@ class DraftLengthController:
 
     def num_drafts(self, req: Request, k_max: int) -> int:
         """Drafts for this iteration, ``0 <= k <= k_max`` (``k_max`` itself without ``spec.adaptive``)."""
-        spec = req.spec
+        spec = req.exit_plan
         if not spec.adaptive or k_max <= 0:
             return k_max
         if spec.mode == "self_speculative":

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
-from cluster.config import SpecParams
+from cluster.request import ExitPlan
 from cluster.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -27,12 +27,16 @@ class ScheduledRequest:
     block_table: list[int]
     # True when this chunk reaches the end of the request's tokens, so one new token is sampled
     sample: bool
-    # True for a decode step (one token, past the prompt): the token may exit early.
-    # Prefill chunks (including recompute after preemption) always run at full depth.
+    # True for a decode step (one token, past the prompt, sampled): a decode row, which may exit
+    # early unless ``full_depth``. Prefill chunks (including recompute after preemption) always run
+    # at full depth.
     exit_eligible: bool
     sampling_params: SamplingParams
-    # per-request early-exit threshold override (None: engine default; a value > 1 disables exits)
-    exit_threshold: float | None = None
+    # the request's exit threshold in [0, 1] (None: the exit config's, per exit layer if calibrated)
+    exit_threshold: Optional[float] = None
+    # the row runs every layer with no exit test: the full model, or a lossless request that makes
+    # no drafts this iteration
+    full_depth: bool = False
     # output tokens generated before this iteration (the sampler masks stops below min_tokens)
     num_output_tokens: int = 0
     # the request's EOS ids (masked with stop_token_ids while num_output_tokens < min_tokens)
@@ -45,7 +49,7 @@ class ScheduledRequest:
     guided_bitmask: Optional["numpy.ndarray"] = None
     # lossless early exit: the request's mode, and how many drafts to make this iteration (0: none;
     # the block table then also covers the drafts' positions start_position+1 .. +num_draft_tokens)
-    spec: Optional[SpecParams] = None
+    spec: Optional[ExitPlan] = None
     num_draft_tokens: int = 0
 
 

@@ -16,8 +16,6 @@ from cluster.core.draft_control import DraftLengthController
 from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from cluster.request import Request, RequestStatus
 
-FULL_DEPTH_THRESHOLD = 2.0  # an exit threshold above 1: the row runs every layer
-
 
 class Scheduler:
     """Chooses each iteration's batch and applies its results.
@@ -27,7 +25,7 @@ class Scheduler:
             and ``max_model_len`` (prompt + output tokens per request).
         cache_config: ``block_size`` and ``enable_prefix_caching`` of the paged KV cache.
         num_blocks: number of physical KV blocks (resolved by the engine).
-        spec_max_batch: requests with a lossless mode (``Request.spec``) draft only while at most
+        spec_max_batch: requests with a lossless mode (``Request.exit_plan``) draft only while at most
             this many requests decode in the iteration; above it they decode at full depth.
     """
 
@@ -155,8 +153,8 @@ class Scheduler:
         """Drafts a lossless request makes this iteration: its mode's ``num_draft_tokens``, limited so
         that the verified tokens (drafts + 1) never pass ``max_tokens`` or ``max_model_len`` and the
         drafts' rows fit the token budget; 0 for requests without a lossless mode or not decoding."""
-        spec = req.spec
-        if spec is None or n != 1 or req.num_computed_tokens < req.num_prompt_tokens or not req.num_output_tokens:
+        spec = req.exit_plan
+        if not spec.is_lossless or n != 1 or req.num_computed_tokens < req.num_prompt_tokens or not req.num_output_tokens:
             return 0
         room = min(req.sampling_params.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens)
         return self.draft_control.num_drafts(req, max(0, min(spec.num_draft_tokens, room - 1, budget - n)))
@@ -177,12 +175,13 @@ class Scheduler:
             # a 1-token chunk past the prompt that is not the last token is recompute: full depth
             exit_eligible=n == 1 and start >= req.num_prompt_tokens and sample,
             sampling_params=req.sampling_params,
+            exit_threshold=req.exit_plan.threshold,
             # a lossless request never takes a lossy exit: without drafts it decodes at full depth
-            exit_threshold=req.exit_threshold if req.spec is None or k else FULL_DEPTH_THRESHOLD,
+            full_depth=req.exit_plan.is_full_model or (req.exit_plan.is_lossless and not k),
             num_output_tokens=req.num_output_tokens,
             eos_token_ids=tuple(req.eos_token_ids),
             prompt_token_ids=prompt,
-            spec=req.spec if k else None,
+            spec=req.exit_plan if k else None,
             num_draft_tokens=k,
         )
 

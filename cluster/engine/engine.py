@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from cluster.config import LOSSLESS_MODES, CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig, SpecParams
+from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from cluster.core.scheduler import Scheduler
 from cluster.engine.detokenizer import IncrementalDetokenizer
-from cluster.engine.protocol import (FULL_MODEL_THRESHOLD, EngineRequest, InvalidRequestError, RequestOutput,
-                                     TokenLogprob)
-from cluster.request import Request, RequestStatus
+from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput, TokenLogprob, threshold_fields
+from cluster.request import FULL_MODEL, LOSSLESS_MODES, ExitPlan, Request, RequestStatus
 from cluster.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ class LLMEngine:
                                           code="context_length_exceeded")
         if sp.guided_decoding is not None:
             self._guided().validate(sp.guided_decoding)
-        self.resolve_spec(req)
+        self.resolve_exit_plan(req)
         return req
 
     # fixed cost of one extra forward pass (metadata, embedding, syncs), as a fraction of a decode step;
@@ -203,11 +202,13 @@ class LLMEngine:
         full = mc.num_layers * layer + mc.vocab_size * h * head_bpp
         return (draft_layer * layer + rows * h * head_bpp) / full + self.DRAFT_PASS_OVERHEAD
 
-    def resolve_spec(self, req: EngineRequest) -> tuple[Optional[SpecParams], Optional[float]]:
-        """The request's lossless mode and exit threshold: ``(SpecParams or None, threshold)``.
+    def resolve_exit_plan(self, req: EngineRequest) -> ExitPlan:
+        """The request's :class:`~cluster.request.ExitPlan`, resolved once from the request and the
+        exit config: the full model without an exit config or with ``early_exit=False``; else the
+        request's mode or the config's (its lossy ``policy`` when it names no mode).
 
         A lossless request whose sampling uses penalties, guided decoding or logprobs (which
-        speculation does not handle) runs at full depth instead: still the full model's output.
+        speculation does not handle) runs the full model instead: still the full model's output.
 
         Raises:
             InvalidRequestError: ``verified`` without exit layers; a ``draft_layer`` outside ``[1,
@@ -221,15 +222,17 @@ class LLMEngine:
             raise InvalidRequestError("early_exit", "early_exit: draft_layer and num_draft_tokens need mode "
                                       "'verified' or 'self_speculative'")
         thr = req.exit_threshold
-        if not lossless or (thr is not None and thr > 1.0):
-            return None, thr
+        if not req.early_exit:
+            return FULL_MODEL
+        if not lossless:
+            return FULL_MODEL if ec is None else ExitPlan(mode or ec.policy, threshold=thr)
         sp = req.sampling_params
         k = req.num_draft_tokens or (ec.num_draft_tokens if ec is not None else 4)
         if mode == "verified":
             if ec is None or not ec.exit_layers:
                 raise InvalidRequestError("early_exit", "early_exit.mode: 'verified' needs exit layers; this "
                                           "engine runs the full model")
-            spec = SpecParams("verified", None, k, self.draft_cost(None), adaptive=ec.adaptive_drafts)
+            plan = ExitPlan("verified", None, k, self.draft_cost(None), adaptive=ec.adaptive_drafts, threshold=thr)
         else:
             e = req.draft_layer or (ec.default_draft_layer if ec is not None else None) or max(1, L // 4)
             if not 1 <= e < L:
@@ -237,12 +240,13 @@ class LLMEngine:
             if ec is not None and ec.head == "trained" and e not in ec.exit_layers:
                 raise InvalidRequestError("early_exit", f"early_exit.draft_layer: {e} has no trained exit head; "
                                           f"choose one of {list(ec.exit_layers)}")
-            spec = SpecParams("self_speculative", e, k, self.draft_cost(e),
-                              # a draft length the request asks for is kept (LayerSkip's fixed setting)
-                              adaptive=(ec.adaptive_drafts if ec is not None else True) and req.num_draft_tokens is None)
+            plan = ExitPlan("self_speculative", e, k, self.draft_cost(e),
+                            # a draft length the request asks for is kept (LayerSkip's fixed setting)
+                            adaptive=(ec.adaptive_drafts if ec is not None else True) and req.num_draft_tokens is None,
+                            threshold=thr)
         if sp.uses_penalties or sp.guided_decoding is not None or sp.logprobs is not None:
-            return None, FULL_MODEL_THRESHOLD
-        return spec, thr
+            return FULL_MODEL
+        return plan
 
     def add_request(self, request: Union[EngineRequest, str, list[int]], params: Optional[SamplingParams] = None,
                     request_id: Optional[str] = None, exit_threshold: Optional[float] = None) -> str:
@@ -257,12 +261,11 @@ class LLMEngine:
         if not isinstance(request, EngineRequest):
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             request = EngineRequest(request_id=rid, prompt_token_ids=self.tokenize(request),
-                                    sampling_params=params or SamplingParams(), exit_threshold=exit_threshold)
+                                    sampling_params=params or SamplingParams(), **threshold_fields(exit_threshold))
         request = self.validate(request)
         sp = request.sampling_params
-        spec, threshold = self.resolve_spec(request)
         req = Request(request.request_id, list(request.prompt_token_ids), sp, eos_token_ids=self.eos_token_ids,
-                      exit_threshold=threshold, spec=spec)
+                      exit_plan=self.resolve_exit_plan(request))
         guided = self._guided().create(sp.guided_decoding) if sp.guided_decoding is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, stop=sp.stop,
                                        skip_special_tokens=sp.skip_special_tokens)
@@ -362,7 +365,7 @@ class LLMEngine:
             num_layers=self.model_config.num_layers, arrival_time=req.arrival_time,
             first_token_time=t.first_token_time, finished_time=now if finished else None,
             num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens,
-            num_verify_steps=req.num_verify_steps)
+            num_verify_steps=req.num_verify_steps, exit_mode=req.exit_plan.mode)
 
     def _fail(self, request_id: str, message: str, now: float) -> Optional[RequestOutput]:
         """Finish one request with an error (its KV blocks are freed); others are untouched."""

@@ -13,9 +13,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.request import ExitMode
 from cluster.sampling import SamplingParams
 
-FULL_MODEL_THRESHOLD = float("inf")  # an exit threshold above 1 runs the full model
 MAX_DRAFT_TOKENS = 16  # drafts per verification a request may ask for
 
 
@@ -43,8 +43,10 @@ class EngineRequest(BaseModel):
         request_id: unique among the engine's unfinished requests.
         prompt_token_ids: ``[P]`` token ids, ``1 <= P < max_model_len``, each in ``[0, vocab_size)``.
         sampling_params: sampling, stopping, penalties, logprobs and guided decoding.
-        exit_threshold: per-request early-exit confidence threshold; None: the engine's exit config
-            (per exit layer if calibrated); ``> 1`` (e.g. :data:`FULL_MODEL_THRESHOLD`): full model.
+        early_exit: False runs the full model (no exit test, no drafts); True: the fields below and
+            the engine's exit config decide (:meth:`cluster.engine.engine.LLMEngine.resolve_exit_plan`).
+        exit_threshold: per-request early-exit confidence threshold in ``[0, 1]``; None: the
+            engine's exit config (per exit layer if calibrated).
         max_tokens_is_default: the client gave no ``max_tokens``: the engine lowers it to what the
             context window and the KV cache can hold instead of refusing the request.
         exit_mode: None (the exit config's mode), ``paper`` / ``per_sequence`` (lossy exits; the
@@ -60,11 +62,20 @@ class EngineRequest(BaseModel):
     request_id: str
     prompt_token_ids: list[int] = Field(min_length=1)
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
-    exit_threshold: Optional[float] = Field(None, ge=0.0)
+    early_exit: bool = True
+    exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0)
     max_tokens_is_default: bool = False
-    exit_mode: Optional[Literal["paper", "per_sequence", "verified", "self_speculative"]] = None
+    exit_mode: Optional[ExitMode] = None
     draft_layer: Optional[int] = Field(None, ge=1)
     num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+
+
+def threshold_fields(exit_threshold: Optional[float]) -> dict:
+    """The :class:`EngineRequest` fields for the offline APIs' ``exit_threshold`` argument: None
+    (the exit config's), a threshold in ``[0, 1]``, or above 1 (e.g. ``float("inf")``): the full model."""
+    if exit_threshold is not None and exit_threshold > 1.0:
+        return {"early_exit": False}
+    return {"exit_threshold": exit_threshold}
 
 
 @dataclass
@@ -111,6 +122,10 @@ class RequestOutput:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_verify_steps: int = 0
+    # the early-exit mode the request runs (None: the full model) and the replica that serves it
+    # (set by a Serve replica; empty offline)
+    exit_mode: Optional[str] = None
+    replica: str = ""
 
 
 @dataclass

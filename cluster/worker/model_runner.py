@@ -178,7 +178,7 @@ class ModelRunner:
         steps = [
             [ScheduledRequest("profile-prefill", [0] * prefill, 0, table, True, False, full)],
             [ScheduledRequest(f"profile-decode-{i}", [0], max_model_len - 1, table, True, True, full,
-                              exit_threshold=2.0) for i in range(min(max_num_seqs, max_num_batched_tokens))],
+                              full_depth=True) for i in range(min(max_num_seqs, max_num_batched_tokens))],
         ]
         for scheduled in steps:
             input_ids, positions, meta, batch = self.prepare(SchedulerOutput(scheduled=scheduled))
@@ -270,10 +270,10 @@ class ModelRunner:
             else:
                 chunks.append((t, n, s0, table))
             if sr.sample:
-                # NaN: the exit config's default (per exit layer if calibrated); > 1: full model
+                # NaN: the exit config's default (per exit layer if calibrated)
                 thr = float("nan") if sr.exit_threshold is None else float(sr.exit_threshold)
                 rows.append(t + n - 1)
-                eligible.append(sr.exit_eligible and self.heads is not None and not thr > 1.0)
+                eligible.append(sr.exit_eligible and self.heads is not None and not sr.full_depth)
                 thresholds.append(thr)
             t += n
         D, S = len(tables), len(rows)
