@@ -10,10 +10,20 @@ from cluster.config import ExitConfig
 from cluster.engine.factory import (ASSETS_DIR, EXIT_CONFIG_FILE, MODEL_DEFAULT, create_engine,  # noqa: F401
                                     load_tokenizer, model_exit_config, model_exit_config_path,
                                     model_fingerprint, read_exit_config, shipped_exit_config_path)
-from cluster.engine.protocol import CompletionOutput, EngineRequest, InvalidRequestError, threshold_fields
+from cluster.engine.protocol import InvalidRequestError
+from cluster.frontend.outputs import CompletionOutput
+from cluster.frontend.processor import Prompt, Processor
 from cluster.sampling import SamplingParams
 
 _batch_ids = itertools.count()
+
+
+def _threshold_fields(exit_threshold: Optional[float]) -> dict:
+    """The :class:`EngineRequest` fields for the offline APIs' ``exit_threshold`` argument: None
+    (the exit config's), a threshold in ``[0, 1]``, or above 1 (e.g. ``float("inf")``): the full model."""
+    if exit_threshold is not None and exit_threshold > 1.0:
+        return {"early_exit": False}
+    return {"exit_threshold": exit_threshold}
 
 
 class LLM:
@@ -35,6 +45,7 @@ class LLM:
                  quantization: str = "auto", **kwargs):
         self.engine = create_engine(model, tensor_parallel_size, early_exit, dtype, quantization=quantization, **kwargs)
         self.tokenizer = self.engine.tokenizer
+        self.processor = Processor(self.tokenizer, self.engine.model_config, self.engine.guided_factory())
 
     def generate(self, prompts: Union[str, list[int], Sequence[Union[str, list[int]]]],
                  params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
@@ -56,8 +67,8 @@ class LLM:
         if len(plist) != len(prompts):
             raise InvalidRequestError("params", "params: need one SamplingParams per prompt")
         base = f"llm-{next(_batch_ids)}"
-        reqs = [EngineRequest(request_id=f"{base}-{i}", prompt_token_ids=self.engine.tokenize(p), sampling_params=sp,
-                              **threshold_fields(exit_threshold)) for i, (p, sp) in enumerate(zip(prompts, plist))]
+        exit_fields = _threshold_fields(exit_threshold)
+        reqs = [self.processor.process(f"{base}-{i}", p, sp, **exit_fields) for i, (p, sp) in enumerate(zip(prompts, plist))]
         reqs = [self.engine.validate(r) for r in reqs]  # validate all before queueing any
         results = {r.request_id: CompletionOutput(r.request_id, list(r.prompt_token_ids)) for r in reqs}
         done: set[str] = set()
@@ -79,9 +90,20 @@ class LLM:
             bar.close()
         return [results[r.request_id] for r in reqs]
 
+    def add_request(self, prompt: Prompt, params: Optional[SamplingParams] = None, request_id: Optional[str] = None,
+                    exit_threshold: Optional[float] = None, **exit_fields) -> str:
+        """Queue one request on :attr:`engine` (drive it with ``engine.step()``); returns its id.
+
+        Raises:
+            InvalidRequestError: see :meth:`generate`; nothing is queued then.
+        """
+        rid = request_id if request_id is not None else f"llm-{next(_batch_ids)}"
+        req = self.processor.process(rid, prompt, params, **_threshold_fields(exit_threshold), **exit_fields)
+        return self.engine.add_request(req)
+
     def apply_chat_template(self, conversation: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of a chat through the model's chat template (:meth:`Processor.chat_ids`)."""
+        return self.processor.chat_ids(conversation)
 
     def chat(self, conversations: Union[list[dict], Sequence[list[dict]]],
              params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,

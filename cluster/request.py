@@ -4,7 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional, Protocol, get_args
 
 from cluster.sampling import SamplingParams
 
@@ -97,6 +97,21 @@ _FINISH_REASONS = {
 }
 
 
+class TokenObserver(Protocol):
+    """What the engine hangs on a request to see each generated token as the scheduler appends it
+    (text detokenization, guided-decoding grammar): the scheduler's :meth:`update` is the one place
+    that decides a request stops, and it asks the observer about stop strings and grammar ends."""
+
+    def observe(self, token_id: int, final: bool) -> tuple[bool, Optional[str]]:
+        """Take one generated token (``final``: the scheduler already finished the request with it:
+        EOS, a stop token, ``max_tokens``). Returns ``(stop, stop_string)``: ``stop`` when the text
+        now holds a stop string (``stop_string`` is it) or the grammar is complete (``None``).
+
+        Raises:
+            Exception: the token cannot be taken (e.g. the grammar rejects it): the request fails.
+        """
+
+
 @dataclass
 class Request:
     """One generation request.
@@ -119,6 +134,8 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: Optional[object] = None  # the stop string or token id that finished it
+    error: Optional[str] = None  # why it failed (then status is FINISHED_ABORTED); only this request
+    observer: Optional[TokenObserver] = None  # sees each appended token; may stop the request
     num_draft_tokens: int = 0  # drafts proposed so far
     num_accepted_tokens: int = 0  # drafts the full model confirmed
     num_verify_steps: int = 0  # iterations that verified drafts
@@ -146,5 +163,5 @@ class Request:
 
     @property
     def finish_reason(self) -> Optional[str]:
-        """``stop``, ``length``, ``abort`` or ``None`` while unfinished."""
-        return _FINISH_REASONS.get(self.status)
+        """``stop``, ``length``, ``abort``, ``error`` (:attr:`error` is set) or ``None`` while unfinished."""
+        return "error" if self.error is not None else _FINISH_REASONS.get(self.status)

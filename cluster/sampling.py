@@ -111,11 +111,22 @@ class SamplingParams(BaseModel):
             raise ValueError("top_k must be -1 (disabled) or >= 1")
         return v
 
-    @model_validator(mode="after")
-    def _check_min_tokens(self):
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        return self
+    @field_validator("min_tokens")
+    @classmethod
+    def _check_min_tokens(cls, v, info):
+        # the one check of min_tokens <= max_tokens (max_tokens is validated first: declared first)
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and v > max_tokens:
+            raise ValueError(f"min_tokens ({v}) must not exceed max_tokens ({max_tokens})")
+        return v
+
+    def with_max_tokens(self, max_tokens: int) -> "SamplingParams":
+        """A copy with ``max_tokens`` replaced, validated again.
+
+        Raises:
+            pydantic.ValidationError: ``min_tokens`` exceeds the new ``max_tokens``, or it is < 1.
+        """
+        return SamplingParams.model_validate({**self.model_dump(), "max_tokens": max_tokens})
 
     @property
     def greedy(self) -> bool:

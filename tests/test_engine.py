@@ -62,7 +62,7 @@ def test_kv_fill_matches_exit_hidden_state(tiny_model_dir):
     model = runner.model
     captured = {}
     hook = model.model.layers[1].register_forward_hook(lambda m, args, out: captured.__setitem__("h", out.clone()))
-    eng.add_request(PROMPTS[3], greedy(3), request_id="r")
+    llm.add_request(PROMPTS[3], greedy(3), request_id="r")
     while True:  # run until the request has one decode token done (exits at layer 2 by threshold 0)
         outs = eng.step()
         if outs and outs[0].num_output_tokens == 2:
@@ -118,11 +118,11 @@ def test_continuous_batching_admits_midflight(tiny_model_dir):
         for o in eng.step():
             tokens[o.request_id] += o.new_token_ids
 
-    eng.add_request(PROMPTS[0], greedy(30), request_id="a")
+    llm.add_request(PROMPTS[0], greedy(30), request_id="a")
     for _ in range(5):
         step()
     assert eng.scheduler.num_running == 1
-    eng.add_request(PROMPTS[1], greedy(5), request_id="b")
+    llm.add_request(PROMPTS[1], greedy(5), request_id="b")
     step()
     assert eng.scheduler.num_running == 2  # joined between iterations while "a" is mid-decode
     while eng.has_unfinished_requests():
@@ -146,8 +146,8 @@ def test_preemption_completes_every_request_without_leaks(tiny_model_dir):
 
 def test_abort_frees_blocks(llm_ee):
     eng = llm_ee.engine
-    eng.add_request(PROMPTS[2], greedy(50), request_id="x")
-    eng.add_request(PROMPTS[3], greedy(50), request_id="y")
+    llm_ee.add_request(PROMPTS[2], greedy(50), request_id="x")
+    llm_ee.add_request(PROMPTS[3], greedy(50), request_id="y")
     for _ in range(4):
         eng.step()
     eng.abort_request(["x", "y"])

@@ -22,10 +22,10 @@ def llm(tiny_model_dir):
 
 
 def _req(llm, rid="r", prompt=PROMPT, **sp):
-    ids = prompt if isinstance(prompt, list) else llm.engine.tokenize(prompt)
+    """The request as the offline API builds it: the processor's checks against the model (the
+    engine adds its KV cache fit when it takes it)."""
     default = sp.pop("max_tokens_is_default", False)
-    return EngineRequest(request_id=rid, prompt_token_ids=ids, sampling_params=SamplingParams(**sp),
-                         max_tokens_is_default=default)
+    return llm.processor.process(rid, prompt, SamplingParams(**sp), max_tokens_is_default=default)
 
 
 @pytest.mark.parametrize("prompt,sp,param,code", [
@@ -128,7 +128,7 @@ def test_async_engine_huge_seed_among_concurrent_requests(tiny_model_dir):
     engine = AsyncEngine.from_args(model=tiny_model_dir, block_size=4, early_exit=None)
 
     async def run(rid, **sp):
-        ids = engine.engine.tokenize(PROMPT + rid)
+        ids = engine.tokenizer.encode(PROMPT + rid, add_special_tokens=False)
         req = EngineRequest(request_id=rid, prompt_token_ids=ids,
                             sampling_params=SamplingParams(max_tokens=16, ignore_eos=True, **sp))
         outs = [o async for o in engine.generate(req)]

@@ -59,7 +59,7 @@ def make_llm(model_dir: str, early_exit, **kw) -> LLM:
 
 
 def request(llm: LLM, prompt, params: SamplingParams = GREEDY, **kw) -> EngineRequest:
-    return EngineRequest(request_id=f"r{next(_ids)}", prompt_token_ids=llm.engine.tokenize(prompt),
+    return EngineRequest(request_id=f"r{next(_ids)}", prompt_token_ids=llm.processor.tokenize(prompt),
                          sampling_params=params, **kw)
 
 
@@ -211,7 +211,7 @@ def test_prefix_cache_chunked_prefill_preemption(damped_model_dir, full):
     ref = reference(full, prompts, params)
     llm = make_llm(damped_model_dir, exits(), num_blocks=24, max_num_batched_tokens=16)
     try:
-        n_prompt = len(llm.engine.tokenize(prompts[0]))
+        n_prompt = len(llm.processor.tokenize(prompts[0]))
         assert n_prompt > 16
         modes = ["verified", "self_speculative"]
         first = [request(llm, p, params, exit_mode=modes[i % 2]) for i, p in enumerate(prompts[:2])]

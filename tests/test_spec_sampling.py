@@ -80,7 +80,7 @@ def test_speculative_sampling_matches_full_model(damped_model_dir):
     ec = exits(mode="self_speculative", draft_layer=draft_layer, num_draft_tokens=2, spec_max_batch=64)
     llm = make_llm(damped_model_dir, ec, max_num_seqs=64, num_blocks=1024)
     try:
-        prompt = llm.engine.tokenize(SAMPLING_PROMPT)
+        prompt = llm.processor.tokenize(SAMPLING_PROMPT)
         # max_tokens 4: after the prefill's token, 2 drafts + the full model's token (with max_tokens
         # 2 there would be no draft at all: drafts never pass max_tokens)
         reqs = [EngineRequest(request_id=f"s{i}", prompt_token_ids=prompt,

@@ -45,34 +45,15 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests in
     def add_request(self, request: Request) -> None:
-        """Queue a request (FIFO) for scheduling.
+        """Queue a request (FIFO) for scheduling. The scheduler trusts the engine's checks (the
+        processor's against the model, the engine's KV fit) and owns the one registry of unfinished
+        requests.
 
         Raises:
-            ValueError: empty prompt; ``num_prompt_tokens >= max_model_len`` (no room for one output
-                token); a request that could not fit in the whole KV cache even alone (its longest
-                possible sequence needs more blocks than exist); a duplicate ``request_id``.
+            ValueError: a ``request_id`` already in use by an unfinished request.
         """
-        n = request.num_prompt_tokens
-        max_len = self.config.max_model_len
-        if n == 0:
-            raise ValueError(f"prompt: request {request.request_id!r} has an empty prompt (0 tokens)")
-        if n >= max_len:
-            raise ValueError(
-                f"prompt: {n} tokens exceeds max_model_len {max_len} minus 1 "
-                f"(a prompt must leave room for at least one generated token)"
-            )
         if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
-        bm = self.block_manager
-        # the last sampled token's KV is never computed, hence the -1
-        max_kv = min(n + request.sampling_params.max_tokens, max_len) - 1
-        capacity = bm.num_blocks * bm.block_size
-        if max_kv > capacity:
-            raise ValueError(
-                f"prompt: {n} tokens + max_tokens {request.sampling_params.max_tokens} need up to "
-                f"{max_kv} KV slots but the KV cache holds only {capacity} "
-                f"({bm.num_blocks} blocks x {bm.block_size}); lower max_tokens or the prompt length"
-            )
+            raise ValueError(f"request_id: {request.request_id!r} is already in use")
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -197,16 +178,19 @@ class Scheduler:
     def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
         """Apply one iteration's results.
 
-        Advances ``num_computed_tokens`` of each scheduled request still running, registers newly
-        full prompt blocks in the prefix cache, appends sampled tokens (and exit layers; 0 when the
-        runner reported none) and checks stop conditions in order: EOS (unless ``ignore_eos``),
-        ``stop_token_ids`` (``stop_reason`` = the token), both only once ``num_output_tokens >=
-        min_tokens``, then ``max_tokens``, ``max_model_len``. Requests in ``runner_output.failed``
-        get no token (the engine finishes them).
+        This is the one place where a request's stopping is decided. Advances
+        ``num_computed_tokens`` of each scheduled request still running, registers newly full prompt
+        blocks in the prefix cache, appends sampled tokens (and exit layers; 0 when the runner
+        reported none) and, token by token, checks the stop conditions in order: EOS (unless
+        ``ignore_eos``), ``stop_token_ids`` (``stop_reason`` = the token), both only once
+        ``num_output_tokens >= min_tokens``, then ``max_tokens``, ``max_model_len``; then the
+        request's :class:`~cluster.request.TokenObserver` (a stop string in the text:
+        ``stop_reason`` = the string; a completed grammar). Tokens after a stop are dropped. A
+        request in ``runner_output.failed``, or whose observer raised, finishes with ``error`` set.
         Finished requests free their blocks and leave the scheduler.
 
         Returns:
-            The requests that received a new token this iteration, finished or not.
+            The requests that received a new token or failed this iteration, finished or not.
         """
         out: list[Request] = []
         any_finished = False
@@ -215,6 +199,12 @@ class Scheduler:
             if req is None or req.status != RequestStatus.RUNNING:
                 continue  # aborted (or finished) between schedule() and update()
             rid = req.request_id
+            if rid in runner_output.failed:  # sampling this request's row failed: it alone ends
+                req.error = runner_output.failed[rid]
+                self._finish(req, RequestStatus.FINISHED_ABORTED)
+                any_finished = True
+                out.append(req)
+                continue
             spec = runner_output.spec_token_ids.get(rid) if sr.num_draft_tokens else None
             if spec is not None:  # drafts verified: every row up to the last accepted one is complete
                 self._update_spec(req, sr, runner_output, spec)
@@ -233,6 +223,8 @@ class Scheduler:
                 req.output_token_ids.append(int(token))
                 req.exit_layers.append(int(layer))
                 status = self._check_stop(req, int(token))
+                if req.observer is not None:
+                    status = self._observe(req, int(token), status)
                 if status is not None:  # tokens after a stop are dropped
                     self._finish(req, status)
                     any_finished = True
@@ -269,6 +261,22 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    @staticmethod
+    def _observe(req: Request, token: int, status: Optional[RequestStatus]) -> Optional[RequestStatus]:
+        """The request's observer takes ``token``; its stop (a stop string, a finished grammar) or its
+        failure decides when the token checks did not."""
+        try:
+            stop, stop_string = req.observer.observe(token, final=status is not None)
+        except Exception as e:  # noqa: BLE001 - one request's failure finishes only that request
+            req.error = f"{type(e).__name__}: {e}"
+            return RequestStatus.FINISHED_ABORTED
+        if status is None and stop:
+            req.stop_reason = stop_string
+            return RequestStatus.FINISHED_STOPPED
+        if stop_string is not None:  # the text's stop string came with the final token
+            req.stop_reason = stop_string
+        return status
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         """Mark finished, free blocks, forget the request (caller removes it from running/waiting)."""
         req.status = status
@@ -277,10 +285,11 @@ class Scheduler:
         self._prompt_sent.discard(req.request_id)
         self._finished_ids.append(req.request_id)
 
-    def finish_requests(self, request_ids: Union[str, Iterable[str]], status: RequestStatus) -> None:
-        """Finish running or waiting requests from outside: abort (``FINISHED_ABORTED``) or a stop
-        string found by the detokenizer (``FINISHED_STOPPED``). Frees their blocks; unknown or
-        already finished ids are ignored.
+    def finish_requests(self, request_ids: Union[str, Iterable[str]], status: RequestStatus,
+                        error: Optional[str] = None) -> list[Request]:
+        """Finish running or waiting requests from outside the iteration's results: an abort
+        (``FINISHED_ABORTED``; with ``error``: the request failed). Frees their blocks; unknown or
+        already finished ids are ignored. Returns the requests finished now.
 
         Raises:
             ValueError: ``status`` is not a finished status.
@@ -288,17 +297,19 @@ class Scheduler:
         if not RequestStatus.is_finished(status):
             raise ValueError(f"status must be a finished status, got {status!r}")
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        gone: set[str] = set()
+        gone: list[Request] = []
         for rid in ids:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
             if req.status != RequestStatus.RUNNING:
                 self.waiting.remove(req)
-            gone.add(rid)
+            req.error = error
+            gone.append(req)
             self._finish(req, status)
         if gone:
-            self.running = [r for r in self.running if r.request_id not in gone]
+            self.running = [r for r in self.running if not r.is_finished]
+        return gone
 
     # ------------------------------------------------------------------ state
     def has_unfinished_requests(self) -> bool:

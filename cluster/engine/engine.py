@@ -10,30 +10,18 @@ the model step itself propagates (the engine is then dead).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 from cluster.config import CacheConfig, ExitConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from cluster.core.scheduler import Scheduler
 from cluster.engine.detokenizer import IncrementalDetokenizer
-from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput, TokenLogprob, threshold_fields
+from cluster.engine.token_stream import TokenStream
+from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput, TokenLogprob, lower_max_tokens
 from cluster.request import FULL_MODEL, LOSSLESS_MODES, ExitPlan, Request, RequestStatus
-from cluster.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Tracked:
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    guided: object = None  # cluster.engine.guided.GuidedDecoder
-    first_token_time: Optional[float] = None
-    error: Optional[str] = None
-    num_sent: int = 0  # output tokens already reported
 
 
 class LLMEngine:
@@ -86,8 +74,6 @@ class LLMEngine:
                     f" (gpu_memory_utilization {report.gpu_memory_utilization}, activation peak "
                     f"{report.activation_peak_bytes / gib:.3f} GiB, device total {report.total_bytes / gib:.2f} GiB)"
                     if report.total_bytes else "")
-        self._tracked: dict[str, _Tracked] = {}
-        self._ids = itertools.count()
         self._guided_factory = None
         self._draft_rows: Optional[int] = None  # rows of the drafts' LM head (FR-Spec), read once
         self.eos_token_ids = tuple(model_config.eos_token_ids) or (
@@ -99,24 +85,8 @@ class LLMEngine:
         """KV slots of the whole cache (``num_blocks * block_size``)."""
         return self.num_blocks * self.block_size
 
-    def tokenize(self, prompt: Union[str, list[int]]) -> list[int]:
-        """Token ids of a prompt (a string is encoded without special tokens; ids pass through).
-
-        Raises:
-            InvalidRequestError: the prompt is empty or holds ids outside the vocabulary.
-        """
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        self._check_ids(ids, "prompt")
-        return ids
-
-    def _check_ids(self, ids: list[int], param: str) -> None:
-        if param == "prompt" and not ids:
-            raise InvalidRequestError("prompt", "prompt: must not be empty")
-        v = self.model_config.vocab_size
-        if ids and (min(ids) < 0 or max(ids) >= v):
-            raise InvalidRequestError(param, f"{param}: token ids must lie in [0, {v})")
-
-    def _guided(self):
+    def guided_factory(self):
+        """The guided-decoding grammar compiler of this engine's tokenizer (built at first use)."""
         if self._guided_factory is None:
             from cluster.engine.guided import GuidedDecoderFactory
 
@@ -124,54 +94,37 @@ class LLMEngine:
                                                         stop_token_ids=list(self.eos_token_ids))
         return self._guided_factory
 
-    def validate(self, req: EngineRequest) -> EngineRequest:
-        """Check a request against the model and the KV cache; the one validation of a request.
+    def room_for(self, num_prompt_tokens: int) -> int:
+        """Output tokens that the whole KV cache holds beside this prompt (the last sampled token's
+        KV is never computed, hence the +1); the context window is the processor's check."""
+        return self.kv_capacity_tokens + 1 - num_prompt_tokens
 
-        Returns the request, with ``max_tokens`` lowered to what the context window and the KV cache
-        hold when ``req.max_tokens_is_default``.
+    def validate(self, req: EngineRequest) -> EngineRequest:
+        """The engine's checks of a request built by :class:`cluster.frontend.processor.Processor`
+        (which did every check that needs only the model: ids, context window, sampling): the one KV
+        cache fit check and the exit plan.
+
+        Returns the request, with ``max_tokens`` lowered to what the KV cache holds when
+        ``req.max_tokens_is_default``.
 
         Raises:
-            InvalidRequestError: duplicate id; empty prompt or ids outside ``[0, vocab_size)``
-                (``prompt``); prompt not shorter than ``max_model_len`` or prompt + ``max_tokens``
-                beyond it (``context_length_exceeded``); a sequence that could not fit in the whole KV
-                cache (``max_tokens``); ``min_tokens > max_tokens``; ``stop_token_ids`` or
-                ``logit_bias`` ids outside the vocabulary; a ``response_format`` schema that does not
-                compile (``response_format``).
+            InvalidRequestError: a prompt that does not fit in the KV cache (``prompt``) or a
+                sequence that could not fit in it (``max_tokens``), both ``context_length_exceeded``;
+                ``min_tokens`` above a lowered default ``max_tokens``; a bad exit plan
+                (:meth:`resolve_exit_plan`).
         """
-        if req.request_id in self._tracked:
-            raise InvalidRequestError("request_id", f"request_id: {req.request_id!r} is already in use")
-        ids, sp = req.prompt_token_ids, req.sampling_params
-        self._check_ids(ids, "prompt")
-        self._check_ids(list(sp.stop_token_ids), "stop_token_ids")
-        self._check_ids(list(sp.logit_bias), "logit_bias")
-        n, limit = len(ids), self.model_config.max_model_len
-        if n >= limit:
-            raise InvalidRequestError("prompt", f"This model's maximum context length is {limit} tokens. However, "
-                                      f"your prompt has {n} tokens; no room is left for the completion.",
-                                      code="context_length_exceeded")
-        # the last sampled token's KV is never computed, hence the +1
-        room = min(limit - n, self.kv_capacity_tokens + 1 - n)
+        n, sp = len(req.prompt_token_ids), req.sampling_params
+        room = self.room_for(n)
         if room < 1:
             raise InvalidRequestError("prompt", f"prompt: {n} tokens do not fit in the KV cache "
                                       f"({self.kv_capacity_tokens} slots)", code="context_length_exceeded")
         if sp.max_tokens > room:
-            if req.max_tokens_is_default:
-                if sp.min_tokens > room:
-                    raise InvalidRequestError("min_tokens", f"min_tokens: {sp.min_tokens} exceeds the room left "
-                                              f"for the completion ({room} tokens)")
-                sp = sp.model_copy(update={"max_tokens": room})
-                req = req.model_copy(update={"sampling_params": sp})
-            elif n + sp.max_tokens > limit:
-                raise InvalidRequestError("max_tokens", f"This model's maximum context length is {limit} tokens. "
-                                          f"However, you requested {n + sp.max_tokens} tokens ({n} in the prompt, "
-                                          f"{sp.max_tokens} in the completion).", code="context_length_exceeded")
-            else:
+            if not req.max_tokens_is_default:
                 raise InvalidRequestError("max_tokens", f"max_tokens: {n} prompt tokens + {sp.max_tokens} need "
                                           f"{n + sp.max_tokens - 1} KV slots but the KV cache holds "
                                           f"{self.kv_capacity_tokens}; lower max_tokens or the prompt length",
                                           code="context_length_exceeded")
-        if sp.guided_decoding is not None:
-            self._guided().validate(sp.guided_decoding)
+            req = req.model_copy(update={"sampling_params": lower_max_tokens(sp, room)})
         self.resolve_exit_plan(req)
         return req
 
@@ -248,47 +201,39 @@ class LLMEngine:
             return FULL_MODEL
         return plan
 
-    def add_request(self, request: Union[EngineRequest, str, list[int]], params: Optional[SamplingParams] = None,
-                    request_id: Optional[str] = None, exit_threshold: Optional[float] = None) -> str:
-        """Validate and queue a request; returns its id.
+    def add_request(self, request: EngineRequest) -> str:
+        """Validate (:meth:`validate`) and queue a request; returns its id.
 
-        ``request`` is an :class:`EngineRequest`, or (shorthand) a prompt string / token ids with
-        ``params``, ``request_id`` and ``exit_threshold`` (``> 1``: full model; None: exit config).
+        The request comes from :class:`cluster.frontend.processor.Processor` (which checked it
+        against the model); the scheduler refuses an id already in use.
 
         Raises:
-            InvalidRequestError: see :meth:`validate`; nothing is queued then.
+            InvalidRequestError: see :meth:`validate`; a ``request_id`` already in use. Nothing is
+                queued then.
         """
-        if not isinstance(request, EngineRequest):
-            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            request = EngineRequest(request_id=rid, prompt_token_ids=self.tokenize(request),
-                                    sampling_params=params or SamplingParams(), **threshold_fields(exit_threshold))
         request = self.validate(request)
         sp = request.sampling_params
-        req = Request(request.request_id, list(request.prompt_token_ids), sp, eos_token_ids=self.eos_token_ids,
-                      exit_plan=self.resolve_exit_plan(request))
-        guided = self._guided().create(sp.guided_decoding) if sp.guided_decoding is not None else None
-        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, stop=sp.stop,
+        guided = self.guided_factory().create(sp.guided_decoding) if sp.guided_decoding is not None else None
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, stop=sp.stop,
                                        skip_special_tokens=sp.skip_special_tokens)
+        req = Request(request.request_id, list(request.prompt_token_ids), sp, eos_token_ids=self.eos_token_ids,
+                      exit_plan=self.resolve_exit_plan(request), observer=TokenStream(detok, guided))
         try:
             self.scheduler.add_request(req)
-        except ValueError as e:  # the scheduler's own guard (validate() should have caught it)
-            raise InvalidRequestError("prompt", str(e)) from None
-        self._tracked[req.request_id] = _Tracked(req, detok, guided)
+        except ValueError as e:  # the scheduler owns the registry of unfinished requests
+            raise InvalidRequestError("request_id", str(e)) from None
         return req.request_id
 
     def abort_request(self, request_ids) -> None:
         """Abort queued or running requests (unknown ids are ignored); frees their KV blocks."""
-        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
-        for rid in ids:
-            self._tracked.pop(rid, None)
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._tracked)
+        return self.scheduler.num_running + self.scheduler.num_waiting
 
     # ----------------------------------------------------------------------------------- the loop
     def step(self) -> list[RequestOutput]:
@@ -296,86 +241,49 @@ class LLMEngine:
         so = self.scheduler.schedule()
         if so.is_empty and not so.finished_req_ids:
             return []
-        failed: dict[str, str] = {}
+        failed: list[Request] = []
         for sr in so.scheduled:
-            t = self._tracked.get(sr.request_id)
-            if sr.sample and t is not None and t.guided is not None:
+            req = self.scheduler.get_request(sr.request_id)
+            guided = req.observer.guided if req is not None else None
+            if sr.sample and guided is not None:
                 try:
-                    sr.guided_bitmask = t.guided.bitmask()
+                    sr.guided_bitmask = guided.bitmask()
                 except Exception as e:  # noqa: BLE001 - isolate the request
-                    failed[sr.request_id] = f"guided decoding failed: {e!r}"
+                    failed += self.scheduler.finish_requests(sr.request_id, RequestStatus.FINISHED_ABORTED,
+                                                             error=f"guided decoding failed: {e!r}")
         runner_out = self.workers.execute_model(so)
         if so.is_empty:
             return []
-        updated = self.scheduler.update(so, runner_out)
-        failed.update(getattr(runner_out, "failed", None) or {})
         now = time.monotonic()
-        outputs = []
-        for req in updated:
-            if req.request_id in self._tracked:
-                out = self._process(req, runner_out, now)
-                if out is not None:
-                    outputs.append(out)
-        for rid, msg in failed.items():
-            out = self._fail(rid, msg, now)
-            if out is not None:
-                outputs.append(out)
-        return outputs
+        updated = self.scheduler.update(so, runner_out)
+        return [self._output(req, runner_out, now) for req in failed + updated]
 
-    def _process(self, req: Request, runner_out, now: float) -> Optional[RequestOutput]:
-        t = self._tracked[req.request_id]
-        if t.first_token_time is None:
-            t.first_token_time = now
+    def _output(self, req: Request, runner_out, now: float) -> RequestOutput:
+        """The delta of ``req`` since its last one: tokens, their exit layers and text, logprobs."""
+        t: TokenStream = req.observer
         tokens = req.output_token_ids[t.num_sent:]  # one, or a lossless mode's verified tokens
         layers = req.exit_layers[t.num_sent:]
         t.num_sent = req.num_output_tokens
-        try:
-            if t.guided is not None and not req.is_finished:
-                for token in tokens:
-                    if not t.guided.accept(token):
-                        raise RuntimeError(f"the grammar rejected sampled token {token}")
-                if t.guided.is_terminated():
-                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-            finished = req.is_finished
-            new_text, stop = t.detokenizer.update(tokens, finished=finished)
-            if stop is not None:
-                req.stop_reason = stop
-                if not finished:
-                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-        except Exception as e:  # noqa: BLE001 - one request's failure finishes only that request
-            logger.exception("request %s failed", req.request_id)
-            return self._fail(req.request_id, f"{type(e).__name__}: {e}", now)
+        if t.first_token_time is None and tokens:
+            t.first_token_time = now
         lp = None
         entry = (getattr(runner_out, "logprobs", None) or {}).get(req.request_id)
-        if entry is not None:
+        if entry is not None and tokens:
             lp = [TokenLogprob(tokens[-1], float(entry[0]), [(int(i), float(v)) for i, v in entry[1]])]
-        return self._output(t, tokens, new_text, layers, lp, now)
-
-    def _output(self, t: _Tracked, new_ids, new_text, new_layers, logprobs, now) -> RequestOutput:
-        req = t.request
         finished = req.is_finished
-        if finished:
-            self._tracked.pop(req.request_id, None)
+        failed = req.error is not None
+        if failed:
+            logger.warning("request %s failed: %s", req.request_id, req.error)
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=new_ids, new_text=new_text, new_exit_layers=new_layers,
-            new_logprobs=logprobs, finished=finished,
-            finish_reason="error" if t.error is not None else req.finish_reason,
-            stop_reason=req.stop_reason, error=t.error, num_prompt_tokens=req.num_prompt_tokens,
+            request_id=req.request_id, new_token_ids=[] if failed else tokens,
+            new_text="" if failed else t.take_text(), new_exit_layers=[] if failed else layers,
+            new_logprobs=None if failed else lp, finished=finished, finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason, error=req.error, num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens, num_cached_tokens=req.num_cached_tokens,
             num_layers=self.model_config.num_layers, arrival_time=req.arrival_time,
             first_token_time=t.first_token_time, finished_time=now if finished else None,
             num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens,
             num_verify_steps=req.num_verify_steps, exit_mode=req.exit_plan.mode)
-
-    def _fail(self, request_id: str, message: str, now: float) -> Optional[RequestOutput]:
-        """Finish one request with an error (its KV blocks are freed); others are untouched."""
-        t = self._tracked.get(request_id)
-        if t is None:
-            return None
-        t.error = message
-        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
-        t.request.status = RequestStatus.FINISHED_ABORTED
-        return self._output(t, [], "", [], None, now)
 
     def check_integrity(self) -> None:
         """Raises AssertionError on leaked or double-owned KV blocks."""

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster.request import ExitMode
 from cluster.sampling import SamplingParams
@@ -34,6 +34,27 @@ class InvalidRequestError(ValueError):
 
     def __reduce__(self):  # keep param/code through pickling (Ray)
         return (InvalidRequestError, (self.param, self.message, self.code))
+
+    @classmethod
+    def from_validation(cls, e: ValidationError) -> "InvalidRequestError":
+        """The first error of a pydantic ``ValidationError``, its top-level field as ``param``."""
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ())]
+        msg = str(err.get("msg") or "invalid value").removeprefix("Value error, ")
+        return cls(loc[0] if loc else None, f"{'.'.join(loc)}: {msg}" if loc else msg)
+
+
+def lower_max_tokens(sp: SamplingParams, room: int) -> SamplingParams:
+    """``sp`` with a default ``max_tokens`` lowered to the ``room`` left (context window or KV cache).
+
+    Raises:
+        InvalidRequestError: (``min_tokens``) ``min_tokens`` exceeds ``room``.
+    """
+    try:
+        return sp.with_max_tokens(room)
+    except ValidationError:
+        raise InvalidRequestError("min_tokens", f"min_tokens: {sp.min_tokens} exceeds the room left for the "
+                                  f"completion ({room} tokens)") from None
 
 
 class EngineRequest(BaseModel):
@@ -68,14 +89,6 @@ class EngineRequest(BaseModel):
     exit_mode: Optional[ExitMode] = None
     draft_layer: Optional[int] = Field(None, ge=1)
     num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
-
-
-def threshold_fields(exit_threshold: Optional[float]) -> dict:
-    """The :class:`EngineRequest` fields for the offline APIs' ``exit_threshold`` argument: None
-    (the exit config's), a threshold in ``[0, 1]``, or above 1 (e.g. ``float("inf")``): the full model."""
-    if exit_threshold is not None and exit_threshold > 1.0:
-        return {"early_exit": False}
-    return {"exit_threshold": exit_threshold}
 
 
 @dataclass
@@ -126,62 +139,6 @@ class RequestOutput:
     # (set by a Serve replica; empty offline)
     exit_mode: Optional[str] = None
     replica: str = ""
-
-
-@dataclass
-class CompletionOutput:
-    """A finished request, accumulated from its deltas (what offline :class:`cluster.llm.LLM` returns)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    exit_layers: list[int] = field(default_factory=list)
-    logprobs: Optional[list[TokenLogprob]] = None
-    finished: bool = False
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[object] = None
-    error: Optional[str] = None
-    num_layers: int = 0
-    num_cached_tokens: int = 0
-    arrival_time: float = 0.0
-    first_token_time: Optional[float] = None
-    finished_time: Optional[float] = None
-    num_draft_tokens: int = 0  # lossless modes: drafts proposed
-    num_accepted_tokens: int = 0  # drafts the full model confirmed
-    num_verify_steps: int = 0  # iterations that verified drafts
-
-    @property
-    def acceptance_rate(self) -> Optional[float]:
-        """Accepted / proposed drafts (None without drafts)."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
-
-    @property
-    def tokens_per_verify(self) -> Optional[float]:
-        """Verified tokens per verification iteration (accepted drafts + the full model's token)."""
-        if not self.num_verify_steps:
-            return None
-        return (self.num_accepted_tokens + self.num_verify_steps) / self.num_verify_steps
-
-    def add(self, delta: RequestOutput) -> "CompletionOutput":
-        """Append one delta (returns self)."""
-        self.text += delta.new_text
-        self.token_ids += delta.new_token_ids
-        self.exit_layers += delta.new_exit_layers
-        if delta.new_logprobs is not None:
-            self.logprobs = (self.logprobs or []) + delta.new_logprobs
-        self.finished, self.finish_reason = delta.finished, delta.finish_reason
-        self.stop_reason, self.error = delta.stop_reason, delta.error
-        self.num_layers, self.num_cached_tokens = delta.num_layers, delta.num_cached_tokens
-        self.arrival_time, self.first_token_time = delta.arrival_time, delta.first_token_time
-        self.finished_time = delta.finished_time
-        self.num_draft_tokens, self.num_accepted_tokens = delta.num_draft_tokens, delta.num_accepted_tokens
-        self.num_verify_steps = delta.num_verify_steps
-        return self
-
-
-# backwards-compatible name of the accumulated result
-GenerationOutput = CompletionOutput
 
 
 def now() -> float:
