@@ -29,7 +29,8 @@ from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 from starlette.background import BackgroundTask
 
-from cluster.engine.protocol import EngineRequest, RequestOutput
+from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput
+from cluster.frontend.processor import Processor
 from deployments.config import ServeArgs
 from deployments.fastapi_app import (AUTH, GENERATE_RESPONSES, State, app, error_response, errors, map_error, ok,
                                      version)
@@ -81,6 +82,7 @@ class OpenAIIngress:
         self.token_text = TokenText(self.tokenizer)
         mc = ModelConfig.from_hf_config(load_hf_config(model_dir), max_model_len=self.args.max_model_len)
         self.max_model_len, self.vocab_size, self.num_layers = mc.max_model_len, mc.vocab_size, mc.num_layers
+        self.processor = Processor(self.tokenizer, mc)  # every model-level check, before any replica is asked
         self.model_name = self.args.model_name
         self.created = now()
         self.metrics = IngressMetrics(self.model_name, mc.num_layers)
@@ -94,22 +96,13 @@ class OpenAIIngress:
                               param="model", code="model_not_found")
 
     def _encode(self, prompt: Union[str, list[int]], param: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise OpenAIError(400, f"{param}: the prompt is empty", param=param)
-        return ids
+        return self.processor.tokenize(prompt)
 
     def _chat_ids(self, req: Union[ChatCompletionRequest, TokenizeRequest], add_generation_prompt=True) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise OpenAIError(400, "messages: this model has no chat template; use /v1/completions",
-                              param="messages")
-        conv = conversation(req.messages)
         try:
-            text = self.tokenizer.apply_chat_template(conv, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja errors: bad role order, unsupported content
-            raise OpenAIError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
-        return self._encode(text, "messages")
+            return self.processor.chat_ids(conversation(req.messages), add_generation_prompt)
+        except InvalidRequestError as e:
+            raise map_error(e) from None
 
     def _engine_requests(self, req, prompts: list[list[int]], rid: str, default_max: Optional[int],
                          prefixes: Optional[list[str]] = None) -> list[tuple[ChoiceState, EngineRequest]]:
@@ -117,20 +110,20 @@ class OpenAIIngress:
             raise OpenAIError(400, f"prompt: {len(prompts)} prompts x n={req.n} exceeds {MAX_CHOICES} choices per "
                                    "request", param="prompt")
         asked = req.requested_max_tokens
-        if asked is not None and req.min_tokens > asked:
-            raise OpenAIError(400, f"min_tokens: must not exceed max_tokens ({asked})", param="min_tokens")
         max_tokens = asked or max(self.args.default_max_tokens or default_max or self.max_model_len, req.min_tokens)
         exit_fields = req.engine_exit_fields()
+        param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
         out = []
         for i, ids in enumerate(prompts):
             for j in range(req.n):
                 index = i * req.n + j
-                sp = req.sampling_params(max_tokens, sample=j)
                 try:
-                    er = EngineRequest(request_id=f"{rid}-{index}", prompt_token_ids=ids, sampling_params=sp,
-                                       max_tokens_is_default=asked is None, **exit_fields)
-                except ValidationError as e:
+                    er = self.processor.process(f"{rid}-{index}", ids, req.sampling_params(max_tokens, sample=j),
+                                                prompt_param=param, max_tokens_is_default=asked is None, **exit_fields)
+                except ValidationError as e:  # the sampling fields' own declarations
                     raise validation_error(e) from None
+                except InvalidRequestError as e:
+                    raise map_error(e, param) from None
                 out.append((ChoiceState(index, i, ids, prefixes[i] if prefixes else ""), er))
         return out
 
@@ -344,7 +337,7 @@ class OpenAIIngress:
         for c in choices:
             lp = None
             if req.logprobs is not None:
-                lp = completion_logprobs(self.token_text, c, c.logprobs, c.prompt_ids if req.echo else None)
+                lp = completion_logprobs(self.token_text, c, c.logprobs or [], c.prompt_ids if req.echo else None)
             out.append(CompletionChoice(index=c.index, text=c.prefix + c.text, logprobs=lp,
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason_json))
         body_out = CompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
@@ -368,7 +361,7 @@ class OpenAIIngress:
         usage, ee = usage_and_stats(choices, self.num_layers)
         out = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
                           stop_reason=c.stop_reason_json,
-                          logprobs=chat_logprobs(self.token_text, c.logprobs) if req.logprobs else None)
+                          logprobs=chat_logprobs(self.token_text, c.logprobs or []) if req.logprobs else None)
                for c in choices]
         body_out = ChatCompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
                                           choices=out)

@@ -11,6 +11,7 @@ import time
 from typing import Optional
 
 from cluster.engine.protocol import RequestOutput, TokenLogprob
+from cluster.frontend.outputs import CompletionOutput
 from deployments.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, EarlyExitStats,
                                   PromptTokensDetails, TopLogprob, Usage)
 
@@ -64,48 +65,32 @@ class TokenText:
         return self(token_id)[0]
 
 
-class ChoiceState:
-    """One choice (one engine request): its accumulated output and timing.
+class ChoiceState(CompletionOutput):
+    """One choice (one engine request): the shared accumulator
+    (:class:`cluster.frontend.outputs.CompletionOutput`) plus what only an OpenAI choice has.
 
     ``index`` is OpenAI's choice index (``prompt_index * n + sample``); ``prefix`` the echoed prompt
-    text (completions with ``echo``), sent before the first generated text.
+    text (completions with ``echo``), sent before the first generated text; ``arrival`` and
+    ``first_token`` are this process's ``time.monotonic()`` (TTFT / TPOT metrics of the ingress);
+    ``text_offset`` counts the characters of the choice text so far (completions logprobs).
     """
 
     def __init__(self, index: int, prompt_index: int, prompt_ids: list[int], prefix: str = ""):
-        self.index, self.prompt_index, self.prompt_ids, self.prefix = index, prompt_index, prompt_ids, prefix
-        self.text, self.token_ids, self.exit_layers = "", [], []
-        self.logprobs: list[TokenLogprob] = []
-        self.finished, self.finish_reason, self.stop_reason, self.error = False, None, None, None
-        self.num_prompt_tokens, self.num_cached_tokens, self.num_layers = len(prompt_ids), 0, 0
+        super().__init__(request_id="", prompt_token_ids=prompt_ids)
+        self.index, self.prompt_index, self.prefix = index, prompt_index, prefix
         self.arrival = time.monotonic()
         self.first_token: Optional[float] = None
-        self.replica = ""
-        self.text_offset = 0  # completions logprobs: characters of the choice text so far
-        self.exit_mode: Optional[str] = None  # the mode the replica ran (set from its first delta)
-        self.num_draft_tokens = self.num_accepted_tokens = self.num_verify_steps = 0  # lossless modes, totals
-
-    def add(self, d: RequestOutput) -> None:
-        if d.new_token_ids and self.first_token is None:
-            self.first_token = time.monotonic()
-        self.text += d.new_text
-        self.token_ids += d.new_token_ids
-        self.exit_layers += d.new_exit_layers
-        if d.new_logprobs:
-            self.logprobs += d.new_logprobs
-        self.num_prompt_tokens = d.num_prompt_tokens or self.num_prompt_tokens
-        self.num_cached_tokens, self.num_layers = d.num_cached_tokens, d.num_layers or self.num_layers
-        # running totals (a delta may carry several verified tokens); never lower them
-        self.num_draft_tokens = max(self.num_draft_tokens, d.num_draft_tokens)
-        self.num_accepted_tokens = max(self.num_accepted_tokens, d.num_accepted_tokens)
-        self.num_verify_steps = max(self.num_verify_steps, d.num_verify_steps)
-        if d.finished:
-            self.finished, self.finish_reason, self.stop_reason, self.error = (True, d.finish_reason, d.stop_reason,
-                                                                               d.error)
+        self.text_offset = 0
 
     @property
-    def spec_totals(self) -> tuple[int, int, int]:
-        """(drafts proposed, drafts accepted, verification iterations) so far."""
-        return self.num_draft_tokens, self.num_accepted_tokens, self.num_verify_steps
+    def prompt_ids(self) -> list[int]:
+        return self.prompt_token_ids
+
+    def add(self, d: RequestOutput) -> "ChoiceState":
+        if d.new_token_ids and self.first_token is None:
+            self.first_token = time.monotonic()
+        super().add(d)
+        return self
 
     @property
     def stop_reason_json(self):

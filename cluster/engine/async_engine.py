@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 import queue
 import threading
-
 from typing import AsyncIterator, Optional
 
 from cluster.engine.engine import LLMEngine
@@ -20,6 +20,15 @@ from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestO
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped after an error; the replica must be replaced."""
+
+
+class EngineCommand(enum.Enum):
+    """What the event loop asks of the engine thread (applied between iterations; after vLLM v1's
+    ``EngineCoreRequestType``)."""
+
+    ADD = "add"  # args: (EngineRequest, its output stream)
+    ABORT = "abort"  # args: (request id,)
+    CHECK_INTEGRITY = "check_integrity"  # args: ()
 
 
 class AsyncEngine:
@@ -33,6 +42,7 @@ class AsyncEngine:
         self.engine = engine
         self.idle_integrity_check = idle_integrity_check
         self._commands: "queue.Queue" = queue.Queue()
+        # request id -> (its event loop, its output queue); only the engine thread touches it
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = False
@@ -72,17 +82,12 @@ class AsyncEngine:
         """
         request_id = request.request_id
         self._check_alive()
-        if request_id in self._streams:
-            raise InvalidRequestError("request_id", f"request_id: {request_id!r} is already in use")
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, q)
-        try:
-            await asyncio.wrap_future(self._submit("add", request))
+        try:  # the engine thread registers the stream once the engine took the request
+            await asyncio.wrap_future(self._submit(EngineCommand.ADD, request, (asyncio.get_running_loop(), q)))
         except BaseException as e:
-            self._streams.pop(request_id, None)
             if not isinstance(e, InvalidRequestError):  # e.g. cancelled while the add was in flight
-                self._submit("abort", request_id)
+                self._submit(EngineCommand.ABORT, request_id)
             raise
         finished = False
         try:
@@ -95,13 +100,12 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
-            self._streams.pop(request_id, None)
             if not finished:
-                self._submit("abort", request_id)
+                self._submit(EngineCommand.ABORT, request_id)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or finished)."""
-        await asyncio.wrap_future(self._submit("abort", request_id))
+        await asyncio.wrap_future(self._submit(EngineCommand.ABORT, request_id))
 
     def stats(self) -> dict:
         """Latest scheduler statistics (running, waiting, KV usage, prefix cache) plus counters."""
@@ -116,7 +120,7 @@ class AsyncEngine:
 
     async def check_integrity(self) -> None:
         """Run the block manager's integrity check on the engine thread (raises AssertionError)."""
-        await asyncio.wrap_future(self._submit("integrity"))
+        await asyncio.wrap_future(self._submit(EngineCommand.CHECK_INTEGRITY))
 
     def shutdown(self) -> None:
         self._stop = True
@@ -129,7 +133,7 @@ class AsyncEngine:
         if self.error is not None or not self._thread.is_alive():
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
 
-    def _submit(self, kind: str, *args) -> concurrent.futures.Future:
+    def _submit(self, kind: EngineCommand, *args) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((kind, args, fut))
         self._wake.set()
@@ -142,17 +146,20 @@ class AsyncEngine:
             except queue.Empty:
                 return
             try:
-                if kind == "add":
-                    fut.set_result(self.engine.add_request(args[0]))
-                elif kind == "abort":
+                if kind is EngineCommand.ADD:
+                    request, stream = args
+                    fut.set_result(self.engine.add_request(request))  # raises on a duplicate id
+                    self._streams[request.request_id] = stream
+                elif kind is EngineCommand.ABORT:
+                    self._streams.pop(args[0], None)
                     fut.set_result(self.engine.abort_request(args[0]))
-                elif kind == "integrity":
+                elif kind is EngineCommand.CHECK_INTEGRITY:
                     fut.set_result(self.engine.check_integrity())
             except BaseException as e:  # delivered to the caller, the loop goes on
                 fut.set_exception(e)
 
     def _deliver(self, out) -> None:
-        stream = self._streams.get(out.request_id)
+        stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if stream is not None:
             loop, q = stream
             loop.call_soon_threadsafe(q.put_nowait, out)

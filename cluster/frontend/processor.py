@@ -5,11 +5,12 @@ anything reaches an engine (so the HTTP ingress answers a bad request with a 400
 replica). The engine then checks only what depends on its own state: the KV cache fit and the exit
 plan (:meth:`cluster.engine.engine.LLMEngine.validate`).
 
-The rules, each checked here and nowhere else: a prompt is not empty; prompt ids, ``stop_token_ids``
+The rules, each checked here and nowhere else: prompt ids, ``stop_token_ids``
 and ``logit_bias`` ids lie in ``[0, vocab_size)``; the prompt leaves room for one token in the
 context window and prompt + ``max_tokens`` fits it (a default ``max_tokens`` is lowered instead);
-a guided-decoding schema compiles. ``min_tokens <= max_tokens`` and the ranges of every field are
-the pydantic declarations of :class:`~cluster.sampling.SamplingParams` and ``EngineRequest``.
+a guided-decoding schema compiles. A non-empty prompt, ``min_tokens <= max_tokens`` and the ranges of
+every field are the pydantic declarations of :class:`~cluster.sampling.SamplingParams` and
+``EngineRequest``, which this module maps to :class:`InvalidRequestError` naming the caller's field.
 """
 from __future__ import annotations
 
@@ -87,8 +88,6 @@ class Processor:
         """
         ids = self.tokenize(prompt)
         sp = params if params is not None else SamplingParams()
-        if not ids:
-            raise InvalidRequestError(prompt_param, f"{prompt_param}: the prompt is empty (it must not be empty)")
         self._check_ids(ids, prompt_param)
         self._check_ids(sp.stop_token_ids, "stop_token_ids")
         self._check_ids(list(sp.logit_bias), "logit_bias")
@@ -108,8 +107,12 @@ class Processor:
         try:
             return EngineRequest(request_id=request_id, prompt_token_ids=ids, sampling_params=sp,
                                  max_tokens_is_default=max_tokens_is_default, **exit_fields)
-        except ValidationError as e:
-            raise InvalidRequestError.from_validation(e) from None
+        except ValidationError as e:  # e.g. an empty prompt (EngineRequest declares prompt_token_ids non-empty)
+            err = InvalidRequestError.from_validation(e)
+            if err.param == "prompt_token_ids":
+                err = InvalidRequestError(prompt_param, f"{prompt_param}: the prompt is empty (it must not be empty)"
+                                          if not ids else err.message.replace("prompt_token_ids", prompt_param))
+            raise err from None
 
     def _check_ids(self, ids: Sequence[int], param: str) -> None:
         v = self.vocab_size
