@@ -4,7 +4,7 @@ A thin adapter from HTTP to :class:`~cluster.engine.protocol.EngineRequest` and 
 body (the pydantic models of :mod:`deployments.protocol`, which are also the OpenAPI schema), checks
 what only it knows (API key, model name, chat template, OpenAI-only fields), tokenizes, and fans
 out one engine request per prompt and sample (``index = prompt_i * n + sample_j``) to LLMServer
-replicas through a DeploymentHandle (``cluster.router`` picks the replica). The engine validates the
+replicas through a DeploymentHandle (``deployments.router`` picks the replica). The engine validates the
 request against the model and the KV cache; its :class:`InvalidRequestError` becomes a 400 with the
 same ``param``/``code``, a dead engine 503, a failed request 500 (or, once streaming, an SSE error
 event followed by ``data: [DONE]``). A client that disconnects cancels the handle calls, which
