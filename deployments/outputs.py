@@ -11,8 +11,8 @@ import time
 from typing import Optional
 
 from cluster.engine.protocol import RequestOutput, TokenLogprob
-from deployments.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, EarlyExitStats,
-                                  PromptTokensDetails, TopLogprob, Usage)
+from deployments.responses import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, EarlyExitStats,
+                                   PromptTokensDetails, TopLogprob, Usage)
 
 MIN_LOGPROB = -9999.0
 
