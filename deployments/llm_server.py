@@ -14,8 +14,9 @@ the engine's :class:`~cluster.worker.worker_group.WorkerGroup` puts rank ``i`` i
 
 Serve hooks: ``check_health`` (a dead engine loop or rank fails it, so Serve replaces the replica)
 and ``record_routing_stats`` (a :class:`~deployments.replica_stats.ReplicaStats`: running/waiting
-tokens, KV usage and the recent mean exit layer, for ``deployments.router``). The mean exit layer is that of the last :data:`EXIT_WINDOW_TOKENS` generated
-tokens (decoder layers run per token; the model's layer count before any token).
+tokens, KV usage and the recent mean exit layer, for ``deployments.router``). The mean exit layer is
+that of the last :data:`EXIT_WINDOW_TOKENS` generated tokens (decoder layers run per token; the
+model's layer count before any token).
 """
 from __future__ import annotations
 

@@ -6,11 +6,13 @@ Two layers:
 
   - *Load* of a replica, in full-depth tokens: outstanding work + ``kv_weight * kv_usage *
     kv_capacity``. The replica reports its running + waiting tokens, KV usage and the recent mean exit
-    layer of its generated tokens, stamped with the time ``ts`` of the snapshot, through ``record_routing_stats`` (polled by the Serve controller every
-    ``request_routing_stats_period_s``). The router corrects that stale snapshot with what it knows
-    exactly and at once: it subtracts the requests it sent there that finished after ``ts`` and adds
-    the ones it sent after ``ts``. So a burst from one router spreads before the next poll, and a
-    conversation's next turn, sent the moment the previous one ends, sees its replica idle.
+    layer of its generated tokens, stamped with the time ``ts`` of the snapshot, as a
+    :class:`~deployments.replica_stats.ReplicaStats` through ``record_routing_stats`` (polled by the
+    Serve controller every ``request_routing_stats_period_s``). The router corrects that stale
+    snapshot with what it knows exactly and at once: it subtracts the requests it sent there that
+    finished after ``ts`` and adds the ones it sent after ``ts``. So a burst from one router spreads
+    before the next poll, and a conversation's next turn, sent the moment the previous one ends,
+    sees its replica idle.
   - *Exit-aware cost*: a decode token runs ``mean_exit_layer`` of the model's ``num_layers`` decoder
     layers on average, so running requests (and the expected output of requests routed since the
     snapshot) count ``depth = mean_exit_layer / num_layers`` per token, while waiting tokens (prefill,
