@@ -3,15 +3,13 @@
 
 The application is ``OpenAIIngress`` (HTTP, FastAPI) -> ``LLMServer`` replicas (one async engine each,
 tensor-parallel ranks in the replica's placement group), with requests to LLMServer routed by
-``cluster.router.PrefixAwareLoadRouter``. Arguments: :class:`deployments.config.ServeArgs`.
+``deployments.router.PrefixAwareLoadRouter``. Arguments: :class:`deployments.config.ServeArgs`.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from deployments.config import ServeArgs
-
-ROUTER_CLASS = "cluster.router.PrefixAwareLoadRouter"
 
 
 def build_app(args: Optional[dict] = None):
@@ -24,6 +22,7 @@ def build_app(args: Optional[dict] = None):
 
     from deployments.ingress import OpenAIIngress
     from deployments.llm_server import LLMServer
+    from deployments.router import PrefixAwareLoadRouter
 
     cfg = ServeArgs.model_validate(dict(args or {}))
     device = cfg.resolved_device()
@@ -32,7 +31,7 @@ def build_app(args: Optional[dict] = None):
         health_check_period_s=cfg.health_check_period_s,
         health_check_timeout_s=cfg.health_check_timeout_s,
         request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER_CLASS,
+            request_router_class=PrefixAwareLoadRouter,  # Serve stores it as its dotted path
             request_router_kwargs={"block_size": cfg.router_block_size,
                                    "imbalance_tokens": cfg.router_imbalance_tokens},
             request_routing_stats_period_s=cfg.routing_stats_period_s,

@@ -76,7 +76,7 @@ class ServeArgs(BaseModel):
     health_check_timeout_s: float = Field(60.0, gt=0)
     replica_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources of each replica (its own bundle), e.g. a node type's")
-    # ---- router (cluster.router.PrefixAwareLoadRouter)
+    # ---- router (deployments.router.PrefixAwareLoadRouter)
     routing_stats_period_s: float = Field(1.0, gt=0)
     router_imbalance_tokens: int = Field(1024, ge=0)
     router_block_size: int = Field(16, ge=1)

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.engine.protocol import InvalidRequestError
+from deployments.errors import ErrorResponse, OpenAIError, pydantic_error
 from deployments.metrics import IngressMetrics
-from deployments.protocol import ErrorResponse, OpenAIError, pydantic_error
 
 logger = logging.getLogger("ray.serve")
 

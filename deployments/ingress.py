@@ -1,11 +1,13 @@
 """OpenAIIngress: the OpenAI-compatible HTTP API (FastAPI through ``@serve.ingress``).
 
-A thin adapter from HTTP to :class:`~cluster.engine.protocol.EngineRequest` and back. It parses the
-body (the pydantic models of :mod:`deployments.protocol`, which are also the OpenAPI schema), checks
-what only it knows (API key, model name, chat template, OpenAI-only fields), tokenizes, and fans
-out one engine request per prompt and sample (``index = prompt_i * n + sample_j``) to LLMServer
-replicas through a DeploymentHandle (``cluster.router`` picks the replica). The engine validates the
-request against the model and the KV cache; its :class:`InvalidRequestError` becomes a 400 with the
+The routes only: a thin adapter from HTTP to :class:`~cluster.engine.protocol.EngineRequest` and
+back. It parses the body (the pydantic models of :mod:`deployments.protocol` and
+:mod:`deployments.responses`, which are also the OpenAPI schema), checks what only it knows (API key,
+model name, chat template, OpenAI-only fields), tokenizes, and fans out one engine request per prompt
+and sample (``index = prompt_i * n + sample_j``) to LLMServer replicas through a DeploymentHandle
+(:mod:`deployments.streams` starts and merges them, ``deployments.router`` picks the replica,
+:mod:`deployments.sse` formats a streamed answer). The engine validates the request against the
+model and the KV cache; its :class:`InvalidRequestError` becomes a 400 with the
 same ``param``/``code``, a dead engine 503, a failed request 500 (or, once streaming, an SSE error
 event followed by ``data: [DONE]``). A client that disconnects cancels the handle calls, which
 aborts the requests in the engine.
@@ -15,53 +17,32 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 """
 
 import asyncio
-import contextlib
-import dataclasses
-import json
 import logging
-import uuid
-from typing import AsyncIterator, Optional, Union
+from typing import Optional, Union
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
-from starlette.background import BackgroundTask
 
-from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput
+from cluster.engine.protocol import EngineRequest, InvalidRequestError
 from cluster.frontend.processor import Processor
+from deployments import serve_compat, sse
 from deployments.config import ServeArgs
-from deployments.fastapi_app import (AUTH, GENERATE_RESPONSES, State, app, error_response, errors, map_error, ok,
-                                     version)
+from deployments.errors import OpenAIError, validation_error
+from deployments.fastapi_app import AUTH, GENERATE_RESPONSES, State, app, error_response, errors, map_error, ok, version
 from deployments.metrics import CONTENT_TYPE, IngressMetrics
 from deployments.outputs import ChoiceState, TokenText, chat_logprobs, completion_logprobs, usage_and_stats
-from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                  ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
-                                  CompletionChunk, CompletionRequest, CompletionResponse, Delta,
-                                  DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, OpenAIError,
-                                  TokenizeRequest, TokenizeResponse, VersionResponse, conversation, new_id, now,
-                                  validation_error)
+from deployments.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+                                  conversation)
+from deployments.responses import (AssistantMessage, ChatChoice, ChatCompletionResponse, CompletionChoice,
+                                   CompletionResponse, DetokenizeResponse, ModelCard, ModelList, TokenizeResponse,
+                                   VersionResponse, new_id, now)
+from deployments.streams import FanOut, Stream, replica_header
 
 logger = logging.getLogger("ray.serve")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
 MAX_CHOICES = 256  # engine requests of one HTTP request (prompts x n)
-
-
-def _cancel(stream) -> None:
-    """Cancel a handle call, best effort. Serve's ``cancel()`` re-raises the call's routing error
-    (``BackPressureError``, no replicas) when it never reached a replica: that is not ours to raise."""
-    try:
-        stream.cancel()
-    except Exception:  # noqa: BLE001
-        pass
-
-
-class _Stream:
-    """One engine request in flight: its replica stream and its choice."""
-
-    def __init__(self, choice: ChoiceState, first, stream):
-        self.choice, self.first, self.stream = choice, first, stream
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=1000)
@@ -74,6 +55,7 @@ class OpenAIIngress:
         from cluster.engine.factory import load_tokenizer
         from cluster.model.loader import load_hf_config, resolve_model_dir
 
+        serve_compat.check_ingress_internals()  # fail at start-up, not on the first generation
         self.args = ServeArgs.model_validate(args)
         self.llm = llm
         self.llm_stream = llm.options(stream=True)
@@ -86,6 +68,7 @@ class OpenAIIngress:
         self.model_name = self.args.model_name
         self.created = now()
         self.metrics = IngressMetrics(self.model_name, mc.num_layers)
+        self.fanout = FanOut(self._remote, self.metrics)
         State.api_key, State.metrics = self.args.resolved_api_key, self.metrics
         State.retry_after_s = self.args.retry_after_s
 
@@ -128,127 +111,10 @@ class OpenAIIngress:
         return out
 
     def _remote(self, er: EngineRequest):
-        """``generate.remote`` with its own internal request id.
-
-        Serve gives every handle call made inside a request the parent's internal request id, and
-        its request router (Ray 2.60) indexes pending requests by that id: of several concurrent
-        calls, all but one are never fulfilled and their routing task spins in ``choose_replicas``.
-        A fresh id per call keeps them apart (our streams are cancelled explicitly on disconnect).
-        """
-        ctx = serve_context._get_serve_request_context()
-        token = serve_context._serve_request_context.set(
-            dataclasses.replace(ctx, _internal_request_id=uuid.uuid4().hex))
-        try:
+        """``generate.remote`` with its own internal request id (a Serve routing bug: see
+        :mod:`deployments.serve_compat`)."""
+        with serve_compat.own_request_id():
             return self.llm_stream.generate.remote(er)
-        finally:
-            serve_context._serve_request_context.reset(token)
-
-    async def _open(self, choice: ChoiceState, er: EngineRequest, prompt_param: str) -> _Stream:
-        """Start one engine request and wait for its first item (errors raise before any byte is sent)."""
-        try:
-            stream = self._remote(er)  # may raise at once: BackPressureError (max_queued_requests), no replicas
-        except Exception as e:  # noqa: BLE001 - mapped to the error object (503 + Retry-After)
-            raise map_error(e, prompt_param) from None
-        try:
-            first = await stream.__anext__()
-        except StopAsyncIteration:
-            raise OpenAIError(500, "the engine returned no output", type="server_error") from None
-        except BaseException as e:
-            _cancel(stream)
-            if isinstance(e, Exception):
-                raise map_error(e, prompt_param) from None
-            raise
-        if isinstance(first, BaseException):
-            _cancel(stream)
-            raise map_error(first, prompt_param)
-        choice.replica, choice.exit_mode = first.replica, first.exit_mode
-        return _Stream(choice, first, stream)
-
-    async def _start(self, pairs: list[tuple[ChoiceState, EngineRequest]],
-                     prompt_param: str = "prompt") -> list[_Stream]:
-        tasks = [asyncio.ensure_future(self._open(c, er, prompt_param)) for c, er in pairs]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                if t.done() and not t.cancelled() and t.exception() is None:
-                    _cancel(t.result().stream)
-                else:
-                    t.cancel()
-            raise
-
-    async def _deltas(self, s: _Stream) -> AsyncIterator[RequestOutput]:
-        """The deltas of one stream, accumulated into its choice and counted in the metrics.
-
-        Raises OpenAIError: the engine failed this request (500) or died (503)."""
-        c, item, reason = s.choice, s.first, "abort"
-        self.metrics.started(len(c.prompt_ids))
-        try:
-            while True:
-                if isinstance(item, BaseException):
-                    reason = "error"
-                    raise map_error(item)
-                before = c.spec_totals
-                c.add(item)  # a delta may carry several (verified) tokens
-                self.metrics.tokens(item.new_exit_layers)
-                self.metrics.speculation(*(a - b for a, b in zip(c.spec_totals, before)))
-                if item.finished:
-                    reason = item.finish_reason or "stop"
-                    if item.finish_reason == "error":
-                        raise OpenAIError(500, f"generation failed: {item.error}", type="server_error")
-                    if item.finish_reason == "abort":
-                        raise OpenAIError(503, "the request was aborted by the server", type="server_error")
-                yield item
-                if item.finished:
-                    return
-                try:
-                    item = await s.stream.__anext__()
-                except StopAsyncIteration:
-                    item = OpenAIError(500, "the replica's stream ended early", type="server_error")
-                except Exception as e:  # noqa: BLE001 - the replica or the route to it failed
-                    item = e
-        finally:
-            _cancel(s.stream)  # no-op after the end; aborts the request on disconnect
-            self.metrics.ended(reason, c.arrival, c.first_token, len(c.token_ids))
-
-    async def _merged(self, streams: list[_Stream]) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
-        """Deltas of all streams as they come; closing it (or an error in one) cancels them all."""
-        if len(streams) == 1:
-            async with contextlib.aclosing(self._deltas(streams[0])) as it:
-                async for d in it:
-                    yield streams[0].choice, d
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(s: _Stream):
-            try:
-                async for d in self._deltas(s):
-                    await queue.put((s.choice, d))
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                await queue.put((s.choice, e))
-
-        tasks = [asyncio.ensure_future(pump(s)) for s in streams]
-        try:
-            remaining = len(streams)
-            while remaining:
-                c, d = await queue.get()
-                if isinstance(d, BaseException):
-                    raise d
-                remaining -= int(d.finished)
-                yield c, d
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _collect(self, streams: list[_Stream]) -> None:
-        async with contextlib.aclosing(self._merged(streams)) as it:
-            async for _ in it:
-                pass
-
-    @staticmethod
-    def _headers(streams: list[_Stream]) -> dict:
-        return {"x-eeserve-replica": ",".join(s.choice.replica for s in streams)}
 
     # ------------------------------------------------------------------------------- routes
     @app.get("/health", responses=errors(503))
@@ -326,11 +192,12 @@ class OpenAIIngress:
             prefixes = [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(raw, prompts)]
         rid = new_id("cmpl")
         pairs = self._engine_requests(req, prompts, rid, COMPLETIONS_DEFAULT_MAX_TOKENS, prefixes)
-        streams = await self._start(pairs)
+        streams = await self.fanout.start(pairs)
         created = now()
         if req.stream:
-            return self._sse(self._completion_chunks(req, rid, created, streams), streams)
-        await self._collect(streams)
+            fmt = sse.completion_format(self.token_text, req.logprobs, req.echo)
+            return self._sse(fmt, req, rid, created, streams)
+        await self.fanout.collect(streams)
         choices = [s.choice for s in streams]
         usage, ee = usage_and_stats(choices, self.num_layers)
         out = []
@@ -342,7 +209,7 @@ class OpenAIIngress:
                                         finish_reason=c.finish_reason, stop_reason=c.stop_reason_json))
         body_out = CompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
                                       choices=out)
-        return JSONResponse(body_out.model_dump(), headers=self._headers(streams))
+        return JSONResponse(body_out.model_dump(), headers=replica_header(streams))
 
     @app.post("/v1/chat/completions", dependencies=AUTH,
               responses={**ok(ChatCompletionResponse, stream=True), **GENERATE_RESPONSES})
@@ -352,11 +219,11 @@ class OpenAIIngress:
         req.check_supported()
         ids = self._chat_ids(req)
         rid = new_id("chatcmpl")
-        streams = await self._start(self._engine_requests(req, [ids], rid, None), "messages")
+        streams = await self.fanout.start(self._engine_requests(req, [ids], rid, None), "messages")
         created = now()
         if req.stream:
-            return self._sse(self._chat_chunks(req, rid, created, streams), streams)
-        await self._collect(streams)
+            return self._sse(sse.chat_format(self.token_text, req.logprobs), req, rid, created, streams)
+        await self.fanout.collect(streams)
         choices = [s.choice for s in streams]
         usage, ee = usage_and_stats(choices, self.num_layers)
         out = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
@@ -365,81 +232,9 @@ class OpenAIIngress:
                for c in choices]
         body_out = ChatCompletionResponse(id=rid, created=created, model=self.model_name, usage=usage, early_exit=ee,
                                           choices=out)
-        return JSONResponse(body_out.model_dump(), headers=self._headers(streams))
+        return JSONResponse(body_out.model_dump(), headers=replica_header(streams))
 
-    # ----------------------------------------------------------------------------- streaming
-    def _sse(self, chunks: AsyncIterator[str], streams: list[_Stream]) -> StreamingResponse:
-        async def body():
-            async with contextlib.aclosing(chunks):  # a disconnect closes the chain down to the replicas
-                try:
-                    async for c in chunks:
-                        yield f"data: {c}\n\n"
-                except OpenAIError as e:
-                    yield f"data: {json.dumps(e.body())}\n\n"
-                except Exception as e:  # noqa: BLE001 - the client gets an error event, never a cut stream
-                    yield f"data: {json.dumps(map_error(e).body())}\n\n"
-            yield "data: [DONE]\n\n"
-
-        def cancel_all():  # a client gone before the body started: abort what it asked for
-            for s in streams:
-                _cancel(s.stream)
-
-        return StreamingResponse(body(), media_type="text/event-stream", background=BackgroundTask(cancel_all),
-                                 headers={"Cache-Control": "no-cache", **self._headers(streams)})
-
-    async def _chat_chunks(self, req: ChatCompletionRequest, rid: str, created: int,
-                           streams: list[_Stream]) -> AsyncIterator[str]:
-        def chunk(choices, **kw) -> str:
-            return ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
-                                       **kw).model_dump_json(exclude_none=False)
-
-        for s in streams:
-            yield chunk([ChatChunkChoice(index=s.choice.index, delta=Delta(role="assistant", content=""))])
-        remaining = len(streams)
-        async with contextlib.aclosing(self._merged(streams)) as it:
-            async for c, d in it:
-                lp = chat_logprobs(self.token_text, d.new_logprobs or []) if req.logprobs else None
-                if not (d.finished or d.new_text or (lp and lp.content)):
-                    continue
-                kw = {}
-                if d.finished:
-                    remaining -= 1
-                    if remaining == 0:
-                        kw["early_exit"] = usage_and_stats([s.choice for s in streams], self.num_layers)[1]
-                yield chunk([ChatChunkChoice(index=c.index, delta=Delta(content=d.new_text), logprobs=lp,
-                                             finish_reason=d.finish_reason if d.finished else None,
-                                             stop_reason=c.stop_reason_json if d.finished else None)], **kw)
-        if req.include_usage:
-            usage, ee = usage_and_stats([s.choice for s in streams], self.num_layers)
-            yield chunk([], usage=usage, early_exit=ee)
-
-    async def _completion_chunks(self, req: CompletionRequest, rid: str, created: int,
-                                 streams: list[_Stream]) -> AsyncIterator[str]:
-        def chunk(choices, **kw) -> str:
-            return CompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
-                                   **kw).model_dump_json()
-
-        started: set[int] = set()
-        remaining = len(streams)
-        async with contextlib.aclosing(self._merged(streams)) as it:
-            async for c, d in it:
-                first = c.index not in started
-                started.add(c.index)
-                text = (c.prefix if first else "") + d.new_text
-                lp = None
-                if req.logprobs is not None:
-                    lp = completion_logprobs(self.token_text, c, d.new_logprobs or [],
-                                             c.prompt_ids if (first and req.echo) else None)
-                if not (d.finished or text or (lp and lp.tokens)):
-                    continue
-                kw = {}
-                if d.finished:
-                    remaining -= 1
-                    if remaining == 0:
-                        kw["early_exit"] = usage_and_stats([s.choice for s in streams], self.num_layers)[1]
-                yield chunk([CompletionChoice(index=c.index, text=text, logprobs=lp,
-                                              finish_reason=d.finish_reason if d.finished else None,
-                                              stop_reason=c.stop_reason_json if d.finished else None)], **kw)
-        if req.include_usage:
-            usage, ee = usage_and_stats([s.choice for s in streams], self.num_layers)
-            yield chunk([], usage=usage, early_exit=ee)
+    def _sse(self, fmt: sse.ChunkFormat, req, rid: str, created: int, streams: list[Stream]):
+        chunks = sse.chunks(fmt, self.fanout.merged(streams), [s.choice for s in streams], rid=rid, created=created,
+                            model=self.model_name, num_layers=self.num_layers, include_usage=req.include_usage)
+        return sse.sse_response(chunks, streams)

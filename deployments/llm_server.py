@@ -13,9 +13,10 @@ the engine's :class:`~cluster.worker.worker_group.WorkerGroup` puts rank ``i`` i
 ``tensor_parallel_size == 1`` the single rank runs inside the replica process.
 
 Serve hooks: ``check_health`` (a dead engine loop or rank fails it, so Serve replaces the replica)
-and ``record_routing_stats`` (running/waiting tokens, KV usage and the recent mean exit layer, for
-``cluster.router``). The mean exit layer is that of the last :data:`EXIT_WINDOW_TOKENS` generated
-tokens (decoder layers run per token; the model's layer count before any token).
+and ``record_routing_stats`` (a :class:`~deployments.replica_stats.ReplicaStats`: running/waiting
+tokens, KV usage and the recent mean exit layer, for ``deployments.router``). The mean exit layer is
+that of the last :data:`EXIT_WINDOW_TOKENS` generated tokens (decoder layers run per token; the
+model's layer count before any token).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from ray import serve
 
 from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput
 from deployments.config import ServeArgs
+from deployments.replica_stats import ReplicaStats
 
 logger = logging.getLogger("ray.serve")
 EXIT_WINDOW_TOKENS = 512  # generated tokens whose exit layers make the routed "recent mean exit layer"
@@ -131,16 +133,16 @@ class LLMServer:
         ex = self._recent_exits
         return sum(ex) / len(ex) if ex else float(self.num_layers)
 
-    def _routing_stats(self) -> dict:
+    def _routing_stats(self) -> ReplicaStats:
         s = self.engine.stats()
         running = [a for a in self._active.values() if a.num_output_tokens > 0]
         waiting = [a for a in self._active.values() if a.num_output_tokens == 0]
-        return {"running_tokens": sum(a.num_prompt_tokens + a.num_output_tokens for a in running),
-                "waiting_tokens": sum(a.num_prompt_tokens for a in waiting),
-                "num_running": s.get("num_running", 0), "num_waiting": s.get("num_waiting", 0),
-                "kv_usage": round(float(s.get("kv_usage", 0.0)), 3), "kv_capacity_tokens": self.kv_capacity_tokens,
-                "mean_exit_layer": round(self.mean_exit_layer, 3), "num_layers": self.num_layers,
-                "ts": time.time()}
+        return ReplicaStats(
+            running_tokens=sum(a.num_prompt_tokens + a.num_output_tokens for a in running),
+            waiting_tokens=sum(a.num_prompt_tokens for a in waiting),
+            num_running=s.get("num_running", 0), num_waiting=s.get("num_waiting", 0),
+            kv_usage=round(float(s.get("kv_usage", 0.0)), 3), kv_capacity_tokens=self.kv_capacity_tokens,
+            mean_exit_layer=round(self.mean_exit_layer, 3), num_layers=self.num_layers, ts=time.time())
 
     async def stats(self) -> dict:
         """Engine statistics plus this replica's id, in-flight request count, recent mean exit layer,
@@ -180,9 +182,10 @@ class LLMServer:
         return list(self.engine.engine.workers.actors)
 
     def record_routing_stats(self) -> dict:
-        """Serve hook (polled by the controller): outstanding work for the request router."""
+        """Serve hook (polled by the controller): outstanding work for the request router, a
+        :class:`~deployments.replica_stats.ReplicaStats` as the dict Serve carries."""
         self.num_routing_stats_reports += 1
-        return self._routing_stats()
+        return self._routing_stats().as_dict()
 
     async def check_health(self) -> None:
         """Serve hook: raises if the engine loop died or a tensor-parallel rank is unreachable."""

@@ -12,8 +12,8 @@ from typing import Optional
 
 from cluster.engine.protocol import RequestOutput, TokenLogprob
 from cluster.frontend.outputs import CompletionOutput
-from deployments.protocol import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, EarlyExitStats,
-                                  PromptTokensDetails, TopLogprob, Usage)
+from deployments.responses import (ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, EarlyExitStats,
+                                   PromptTokensDetails, TopLogprob, Usage)
 
 MIN_LOGPROB = -9999.0
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request and response models (pydantic; they are the served ``/openapi.json``).
+"""OpenAI-compatible request models (pydantic; with :mod:`deployments.responses` they are the served
+``/openapi.json``).
 
 Requests: ``/v1/completions`` and ``/v1/chat/completions`` with OpenAI's sampling fields, vLLM's
 extras (``top_k``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``) and
@@ -7,90 +8,90 @@ extras (``top_k``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``, `
 mode (``paper`` / ``per_sequence`` lossy, ``verified`` / ``self_speculative`` lossless), threshold
 and draft settings). Unknown fields are rejected (400), never silently ignored. Errors
 are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}`` raised as
-:class:`OpenAIError`. The mapping to the engine (:class:`cluster.sampling.SamplingParams`) is here;
+:class:`~deployments.errors.OpenAIError`. The mapping to the engine (:class:`cluster.sampling.SamplingParams`) is here;
 what the engine checks against the model (context length, vocabulary, schemas) is not repeated.
 """
 from __future__ import annotations
 
 import json
-import time
-import uuid
-from collections import Counter
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from cluster.engine.protocol import MAX_DRAFT_TOKENS
 from cluster.request import EXIT_MODES, LOSSLESS_MODES, ExitMode
-from cluster.engine.protocol import MAX_DRAFT_TOKENS, EngineRequest
 from cluster.sampling import GuidedDecodingParams, SamplingParams
+from deployments.errors import OpenAIError, validation_error
 
 MAX_N = 16  # choices per prompt
 MAX_STOP = 4  # stop sequences (OpenAI's limit)
 
 
-# ------------------------------------------------------------------------------------------ errors
-class OpenAIError(Exception):
-    """An error the API returns as ``{"error": {...}}`` with HTTP ``status``."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def pydantic_error(err: dict, skip: int = 0) -> OpenAIError:
-    """One pydantic error (``ValidationError.errors()`` item) as a 400 whose ``param`` is the
-    top-level field; ``skip`` leading ``loc`` items are dropped (FastAPI's ``"body"``)."""
-    loc = [str(x) for x in list(err.get("loc", ()))[skip:] if not str(x).startswith("function-")]
-    param = loc[0] if loc else None
-    where = ".".join(loc)
-    msg = str(err.get("msg") or "invalid value").removeprefix("Value error, ")
-    kind = err.get("type")
-    if kind == "extra_forbidden":
-        msg = "unknown field: this server does not support it"
-    elif kind == "json_invalid":
-        return OpenAIError(400, f"request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}",
-                           code="invalid_json")
-    if where and msg.startswith(where):  # the validator named the field itself
-        return OpenAIError(400, msg, param=param, code="invalid_value")
-    return OpenAIError(400, f"{where}: {msg}" if where else msg, param=param,
-                       code="invalid_value" if param else "invalid_request")
-
-
-def validation_error(e: ValidationError) -> OpenAIError:
-    return pydantic_error(e.errors()[0])
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
 # ---------------------------------------------------------------------------------------- requests
-EARLY_EXIT_KEYS = ("mode", "threshold", "draft_layer", "num_draft_tokens")
-
-
 class EarlyExitOption(BaseModel):
     """A request's early-exit settings (every key optional; absent: the server's default)."""
 
+    # The Field constraints are the checks (and the OpenAPI schema); _early_exit words their errors.
     model_config = ConfigDict(extra="forbid")
     mode: Optional[ExitMode] = Field(
         None, description="paper / per_sequence: lossy exits; verified / self_speculative: lossless (the full "
                           "model's output, exits only speed it up)")
-    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="confidence threshold of this request's exits")
-    draft_layer: Optional[int] = Field(None, ge=1, description="self_speculative: the layer whose exit head drafts")
-    num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS,
+    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, strict=True,
+                                       description="confidence threshold of this request's exits")
+    draft_layer: Optional[int] = Field(None, ge=1, strict=True,
+                                       description="self_speculative: the layer whose exit head drafts")
+    num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS, strict=True,
                                             description="lossless modes: drafts per verification")
+
+    @field_validator("draft_layer", "num_draft_tokens")
+    @classmethod
+    def _lossless_only(cls, v, info: ValidationInfo):
+        mode = info.data.get("mode")
+        if v is not None and mode is not None and mode not in LOSSLESS_MODES:
+            raise PydanticCustomError("early_exit", f"only with mode 'verified' or 'self_speculative', not {mode!r}")
+        return v
+
+
+EARLY_EXIT_KEYS = tuple(EarlyExitOption.model_fields)  # mode, threshold, draft_layer, num_draft_tokens
+
+
+def _bounds(key: str) -> str:
+    """``in [lo, hi]`` or ``>= lo``: the declared range of an EarlyExitOption field."""
+    meta = {type(m).__name__: m for m in EarlyExitOption.model_fields[key].metadata}
+    lo = f"{meta['Ge'].ge:g}"
+    return f"in [{lo}, {meta['Le'].le:g}]" if "Le" in meta else f">= {lo}"
+
+
+def _early_exit(v):
+    """``early_exit``: a bool or ``{"mode", "threshold", "draft_layer", "num_draft_tokens"}`` (all
+    optional), validated by :class:`EarlyExitOption` with a message that names the bad key."""
+    if v is None or isinstance(v, (bool, EarlyExitOption)):
+        return v
+    if not isinstance(v, dict):
+        raise PydanticCustomError("early_exit", "early_exit: must be true, false or an object with keys "
+                                                f"{', '.join(EARLY_EXIT_KEYS)}")
+    unknown = sorted(set(v) - set(EARLY_EXIT_KEYS))
+    if unknown:
+        raise PydanticCustomError("early_exit", f"early_exit.{unknown[0]}: unknown key (allowed: "
+                                                f"{', '.join(EARLY_EXIT_KEYS)})")
+    try:
+        return EarlyExitOption.model_validate(v)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = str(err["loc"][0])
+        kind, got = err["type"], v.get(key)
+        if key == "mode":
+            why = f"must be one of {', '.join(EXIT_MODES)}, got {got!r}"
+        elif kind == "float_type":
+            why = f"must be a number {_bounds(key)}"
+        elif kind == "int_type":
+            why = "must be an integer"
+        elif kind in ("greater_than_equal", "less_than_equal"):
+            why = f"must be {_bounds(key)}, got {got}"
+        else:
+            why = err["msg"]
+        raise PydanticCustomError("early_exit", f"early_exit.{key}: {why}"[:300]) from None
 
 
 class StreamOptions(BaseModel):
@@ -126,44 +127,6 @@ class ResponseFormat(BaseModel):
                                   param="response_format")
             return GuidedDecodingParams(json_schema=json.dumps(self.json_schema.schema_))
         return None
-
-
-def _early_exit(v):
-    """``early_exit``: a bool or ``{"mode", "threshold", "draft_layer", "num_draft_tokens"}`` (all
-    optional), with a message that names the bad key."""
-    if v is None or isinstance(v, (bool, EarlyExitOption)):
-        return v
-    if not isinstance(v, dict):
-        raise PydanticCustomError("early_exit", "early_exit: must be true, false or an object with keys "
-                                                f"{', '.join(EARLY_EXIT_KEYS)}")
-    unknown = sorted(set(v) - set(EARLY_EXIT_KEYS))
-    if unknown:
-        raise PydanticCustomError("early_exit", f"early_exit.{unknown[0]}: unknown key (allowed: "
-                                                f"{', '.join(EARLY_EXIT_KEYS)})")
-    mode = v.get("mode")
-    if mode is not None and mode not in EXIT_MODES:
-        raise PydanticCustomError("early_exit", f"early_exit.mode: must be one of {', '.join(EXIT_MODES)}, "
-                                                f"got {mode!r}"[:300])
-    t = v.get("threshold")
-    if t is not None:
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise PydanticCustomError("early_exit", "early_exit.threshold: must be a number in [0, 1]")
-        if not 0.0 <= t <= 1.0:
-            raise PydanticCustomError("early_exit", f"early_exit.threshold: must be in [0, 1], got {t}")
-    for key, hi in (("draft_layer", None), ("num_draft_tokens", MAX_DRAFT_TOKENS)):
-        k = v.get(key)
-        if k is None:
-            continue
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise PydanticCustomError("early_exit", f"early_exit.{key}: must be an integer")
-        if k < 1 or (hi is not None and k > hi):
-            rng = f"in [1, {hi}]" if hi is not None else ">= 1"
-            raise PydanticCustomError("early_exit", f"early_exit.{key}: must be {rng}, got {k}")
-        if mode is not None and mode not in LOSSLESS_MODES:
-            raise PydanticCustomError("early_exit", f"early_exit.{key}: only with mode 'verified' or "
-                                                    f"'self_speculative', not {mode!r}")
-    return EarlyExitOption(mode=mode, threshold=t, draft_layer=v.get("draft_layer"),
-                           num_draft_tokens=v.get("num_draft_tokens"))
 
 
 class _GenerationRequest(BaseModel):
@@ -370,165 +333,3 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
     tokens: list[int]
-
-
-# --------------------------------------------------------------------------------------- responses
-class TokenizeResponse(BaseModel):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeResponse(BaseModel):
-    prompt: str
-
-
-class VersionResponse(BaseModel):
-    version: str
-
-
-class EarlyExitStats(BaseModel):
-    """Exit statistics of a response's generated tokens (all choices together)."""
-
-    num_layers: int
-    mean_exit_layer: float
-    exit_layer_counts: dict[str, int]
-    mode: Optional[str] = Field(None, description="the early-exit mode used (null: the full model)")
-    num_draft_tokens: int = Field(0, description="lossless modes: drafts proposed")
-    num_accepted_tokens: int = Field(0, description="lossless modes: drafts the full model confirmed")
-    acceptance_rate: Optional[float] = Field(None, description="accepted / proposed drafts (null without drafts)")
-    tokens_per_verify: Optional[float] = Field(
-        None, description="verified tokens per verification iteration, (accepted + iterations) / iterations "
-                          "(null without verification)")
-
-    @classmethod
-    def from_layers(cls, num_layers: int, layers: list[int], mode: Optional[str] = None, num_draft_tokens: int = 0,
-                    num_accepted_tokens: int = 0, num_verify_steps: int = 0) -> "EarlyExitStats":
-        counts = Counter(layers)
-        mean = sum(layers) / len(layers) if layers else float(num_layers)
-        return cls(num_layers=num_layers, mean_exit_layer=mean,
-                   exit_layer_counts={str(k): counts[k] for k in sorted(counts)}, mode=mode,
-                   num_draft_tokens=num_draft_tokens, num_accepted_tokens=num_accepted_tokens,
-                   acceptance_rate=num_accepted_tokens / num_draft_tokens if num_draft_tokens else None,
-                   tokens_per_verify=((num_accepted_tokens + num_verify_steps) / num_verify_steps
-                                      if num_verify_steps else None))
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: Optional[PromptTokensDetails] = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = []
-
-
-class ChatLogprobs(BaseModel):
-    content: Optional[list[ChatTokenLogprob]] = None
-    refusal: Optional[list[ChatTokenLogprob]] = None
-
-
-class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy shape; the echoed prompt's tokens have ``null`` log-probabilities."""
-
-    tokens: list[str] = []
-    token_logprobs: list[Optional[float]] = []
-    top_logprobs: list[Optional[dict[str, float]]] = []
-    text_offset: list[int] = []
-
-
-class _Choice(BaseModel):
-    index: int
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = Field(None, description="the stop string or token id that ended it")
-
-
-class _Response(BaseModel):
-    """Fields every completion / chat response and streamed chunk shares (``object`` set by each)."""
-
-    id: str
-    object: str
-    created: int
-    model: str
-    usage: Optional[Usage] = None
-    early_exit: Optional[EarlyExitStats] = None
-
-
-class CompletionChoice(_Choice):
-    text: str
-    logprobs: Optional[CompletionLogprobs] = None
-
-
-class CompletionResponse(_Response):
-    object: str = "text_completion"
-    choices: list[CompletionChoice]
-
-
-class CompletionChunk(CompletionResponse):
-    pass
-
-
-class AssistantMessage(BaseModel):
-    role: str = "assistant"
-    content: str
-    refusal: Optional[str] = None
-
-
-class ChatChoice(_Choice):
-    message: AssistantMessage
-    logprobs: Optional[ChatLogprobs] = None
-
-
-class ChatCompletionResponse(_Response):
-    object: str = "chat.completion"
-    choices: list[ChatChoice]
-    usage: Usage
-    early_exit: EarlyExitStats
-
-
-class Delta(BaseModel):
-    role: Optional[str] = None
-    content: Optional[str] = None
-
-
-class ChatChunkChoice(_Choice):
-    delta: Delta
-    logprobs: Optional[ChatLogprobs] = None
-
-
-class ChatCompletionChunk(_Response):
-    object: str = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: str = "model"
-    created: int
-    owned_by: str = "eeserve"
-    max_model_len: Optional[int] = None
-
-
-class ModelList(BaseModel):
-    object: str = "list"
-    data: list[ModelCard]
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())

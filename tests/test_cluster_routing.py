@@ -1,10 +1,10 @@
-"""Exit-aware routing (cluster.router.PrefixLoadPolicy): the load of a replica counts the decoder
+"""Exit-aware routing (deployments.router.PrefixLoadPolicy): the load of a replica counts the decoder
 layers its tokens actually run, so a replica whose requests exit early is seen as less loaded."""
 import random
 
 import pytest
 
-from cluster.router import PrefixLoadPolicy
+from deployments.router import PrefixLoadPolicy
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,9 +1,9 @@
-"""PrefixLoadPolicy (cluster.router) on fake replicas: power of two choices, prefix affinity, accounting."""
+"""PrefixLoadPolicy (deployments.router) on fake replicas: power of two choices, prefix affinity, accounting."""
 import random
 
 import pytest
 
-from cluster.router import PrefixLoadPolicy, _request_fields
+from deployments.router import PrefixLoadPolicy, _request_fields
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,7 +26,7 @@ def test_build_app_from_cli_strings():
     assert rc.placement_group_bundles == [{"CPU": 0.2}] * 3 and rc.placement_group_strategy == "STRICT_PACK"
     assert llm.ray_actor_options["num_cpus"] == 0.2  # fits bundle 0
     router = llm._deployment_config.request_router_config
-    assert router.request_router_class == "cluster.router.PrefixAwareLoadRouter"
+    assert router.request_router_class == "deployments.router.PrefixAwareLoadRouter"
     args = llm.init_args[0]
     assert args["early_exit"] is False and args["tensor_parallel_size"] == 2 and llm.init_args[1] == "cpu"
 

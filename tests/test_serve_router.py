@@ -1,4 +1,4 @@
-"""Two LLMServer replicas behind cluster.router.PrefixAwareLoadRouter (Ray Serve request router):
+"""Two LLMServer replicas behind deployments.router.PrefixAwareLoadRouter (Ray Serve request router):
 concurrent requests spread over both; a conversation's next turn returns to the replica holding its
 prefix. The replica that served a request is in the ``x-eeserve-replica`` response header."""
 from concurrent.futures import ThreadPoolExecutor
@@ -75,4 +75,4 @@ def test_replicas_report_routing_stats(server):
     assert stats["num_routing_stats_reports"] > 0  # polled by the controller for the router
     routed = llm_handle(APP).record_routing_stats.remote().result()  # what the router reads
     assert routed["num_layers"] == stats["num_layers"] == 6
-    assert 1 <= routed["mean_exit_layer"] <= routed["num_layers"]  # exit-aware cost (cluster.router)
+    assert 1 <= routed["mean_exit_layer"] <= routed["num_layers"]  # exit-aware cost (deployments.router)

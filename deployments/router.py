@@ -6,11 +6,13 @@ Two layers:
 
   - *Load* of a replica, in full-depth tokens: outstanding work + ``kv_weight * kv_usage *
     kv_capacity``. The replica reports its running + waiting tokens, KV usage and the recent mean exit
-    layer of its generated tokens, stamped with the time ``ts`` of the snapshot, through ``record_routing_stats`` (polled by the Serve controller every
-    ``request_routing_stats_period_s``). The router corrects that stale snapshot with what it knows
-    exactly and at once: it subtracts the requests it sent there that finished after ``ts`` and adds
-    the ones it sent after ``ts``. So a burst from one router spreads before the next poll, and a
-    conversation's next turn, sent the moment the previous one ends, sees its replica idle.
+    layer of its generated tokens, stamped with the time ``ts`` of the snapshot, as a
+    :class:`~deployments.replica_stats.ReplicaStats` through ``record_routing_stats`` (polled by the
+    Serve controller every ``request_routing_stats_period_s``). The router corrects that stale
+    snapshot with what it knows exactly and at once: it subtracts the requests it sent there that
+    finished after ``ts`` and adds the ones it sent after ``ts``. So a burst from one router spreads
+    before the next poll, and a conversation's next turn, sent the moment the previous one ends,
+    sees its replica idle.
   - *Exit-aware cost*: a decode token runs ``mean_exit_layer`` of the model's ``num_layers`` decoder
     layers on average, so running requests (and the expected output of requests routed since the
     snapshot) count ``depth = mean_exit_layer / num_layers`` per token, while waiting tokens (prefill,
@@ -24,10 +26,12 @@ Two layers:
     less loaded first).
 
 * :class:`PrefixAwareLoadRouter`: the Ray Serve request router (``ray.serve.request_router``
-  API, alpha) that feeds the policy from ``RunningReplica.routing_stats`` and the request's
+  API, alpha) that feeds the policy from ``RunningReplica.routing_stats`` (read back as
+  :class:`~deployments.replica_stats.ReplicaStats`) and the :class:`EngineRequest`'s
   ``prompt_token_ids``, and keeps its local accounting through ``on_request_routed`` /
-  ``on_request_completed``. Enable it with ``RequestRouterConfig(request_router_class=
-  "cluster.router:PrefixAwareLoadRouter", request_router_kwargs={...})``.
+  ``on_request_completed``. ``build_app`` enables it with ``RequestRouterConfig(request_router_class=
+  PrefixAwareLoadRouter, request_router_kwargs={...})``. Its constructor checks the Serve internals
+  it patches (:mod:`deployments.serve_compat`).
 
 Ray API: https://docs.ray.io/en/latest/serve/advanced-guides/custom-request-router.html
 """
@@ -37,9 +41,15 @@ import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Optional, Sequence
+from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from cluster.engine.protocol import EngineRequest
+from deployments import serve_compat
+from deployments.replica_stats import ReplicaStats
+
+Stats = Union[ReplicaStats, Mapping[str, Any], None]  # a report, its dict form, or none yet
 
 
 @dataclass
@@ -137,28 +147,27 @@ class PrefixLoadPolicy:
     def local_tokens(self, replica: Hashable) -> int:
         return sum(f.tokens for f in self._inflight.values() if f.replica == replica)
 
-    def depth(self, stats: Optional[Mapping[str, Any]]) -> float:
+    def depth(self, stats: Stats) -> float:
         """Fraction of the decoder layers a generated token runs on this replica lately
         (``mean_exit_layer / num_layers``, clamped to [min_depth, 1]); 1 when not reported."""
-        stats = stats or {}
-        try:
-            d = float(stats["mean_exit_layer"]) / float(stats["num_layers"])
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        st = ReplicaStats.of(stats)
+        if st.mean_exit_layer is None or not st.num_layers:
             return 1.0
+        d = float(st.mean_exit_layer) / float(st.num_layers)
         return min(1.0, max(self.min_depth, d)) if d == d else 1.0
 
     def _cost(self, f, depth: float) -> float:
         """Full-depth tokens of one local entry: its prompt at full depth, its output at ``depth``."""
         return f.prompt_tokens + (f.tokens - f.prompt_tokens) * depth
 
-    def load(self, replica: Hashable, stats: Optional[Mapping[str, Any]]) -> float:
+    def load(self, replica: Hashable, stats: Stats) -> float:
         """Outstanding work of ``replica`` in full-depth tokens (see module docstring)."""
-        stats = stats or {}
-        depth = self.depth(stats)
-        reported = float(stats.get("running_tokens", 0)) * depth + float(stats.get("waiting_tokens", 0))
-        kv = float(stats.get("kv_usage", 0.0)) * float(stats.get("kv_capacity_tokens", 0))
+        st = ReplicaStats.of(stats)
+        depth = self.depth(st)
+        reported = float(st.running_tokens) * depth + float(st.waiting_tokens)
+        kv = float(st.kv_usage) * float(st.kv_capacity_tokens)
         mine = [f for f in self._inflight.values() if f.replica == replica]
-        ts = stats.get("ts")
+        ts = st.ts
         if ts is None:  # no snapshot time: the larger of the two views
             return max(reported, sum(self._cost(f, depth) for f in mine)) + self.kv_weight * kv
         before = sum(self._cost(f, depth) for f in mine if f.since <= ts)
@@ -178,13 +187,14 @@ class PrefixLoadPolicy:
             self._done.popleft()
 
     # ---------------------------------------------------------------------------------- choose
-    def choose(self, replicas: Mapping[Hashable, Optional[Mapping[str, Any]]],
+    def choose(self, replicas: Mapping[Hashable, Stats],
                token_ids: Optional[Sequence[int]] = None, request_key: Optional[str] = None,
                max_tokens: Optional[int] = None) -> list[list[Hashable]]:
         """Ranks of replica ids, most preferred first (one id per rank).
 
         Args:
-            replicas: candidate replica id -> its reported routing stats (may be empty).
+            replicas: candidate replica id -> its reported :class:`ReplicaStats` (or its dict form;
+                None or empty: not reported yet).
             token_ids: the prompt (None: no prefix affinity).
             request_key: id for local accounting (None: none).
         """
@@ -192,13 +202,14 @@ class PrefixLoadPolicy:
             return []
         self._expire()
         ids = list(replicas)
-        loads = {r: self.load(r, replicas[r]) for r in ids}
+        stats = {r: ReplicaStats.of(replicas[r]) for r in ids}
+        loads = {r: self.load(r, stats[r]) for r in ids}
         hashes = self.block_hashes(token_ids) if token_ids else []
         ranks: list[Hashable] = []
         owner, n_blocks = self.match(hashes, replicas) if hashes else (None, 0)
         if owner is not None:
             allowed = min(self.imbalance_tokens, n_blocks * self.block_size)
-            kv_usage = float((replicas[owner] or {}).get("kv_usage", 0.0))
+            kv_usage = float(stats[owner].kv_usage)
             if loads[owner] - min(loads.values()) <= allowed and kv_usage < self.max_kv_usage:
                 ranks.append(owner)
         if ranks:
@@ -231,14 +242,13 @@ class PrefixLoadPolicy:
 
 
 def _request_fields(pending_request: Optional[PendingRequest]) -> tuple[Optional[list[int]], Optional[int]]:
-    """(prompt token ids, max_tokens) of an LLMServer.generate call, if its argument carries them."""
+    """(prompt token ids, max_tokens) of an ``LLMServer.generate`` call (its :class:`EngineRequest`
+    argument); (None, None) for any other call."""
     if pending_request is None:
         return None, None
     for arg in list(pending_request.args or ()) + list((pending_request.kwargs or {}).values()):
-        ids = getattr(arg, "prompt_token_ids", None)
-        if isinstance(ids, list):
-            sp = getattr(arg, "sampling_params", None)
-            return ids, getattr(sp, "max_tokens", None)
+        if isinstance(arg, EngineRequest):
+            return list(arg.prompt_token_ids), arg.sampling_params.max_tokens
     return None, None
 
 
@@ -246,6 +256,14 @@ class PrefixAwareLoadRouter(RequestRouter):
     """Ray Serve request router running :class:`PrefixLoadPolicy` (kwargs: the policy's arguments)."""
 
     _policy: Optional[PrefixLoadPolicy] = None
+
+    def __init__(self, *args, **kwargs):
+        """Serve's constructor, then the check of the Serve internals this router patches.
+
+        Raises:
+            RuntimeError: the installed Ray lacks one (:func:`serve_compat.check_router_internals`)."""
+        super().__init__(*args, **kwargs)
+        serve_compat.check_router_internals(self)
 
     def initialize_state(self, **kwargs):
         self._policy = PrefixLoadPolicy(**kwargs)
@@ -261,17 +279,11 @@ class PrefixAwareLoadRouter(RequestRouter):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id: r for r in candidate_replicas}
-        if pending_request is not None and not pending_request.future.done():
-            # Serve (2.60) fulfils the pending request it finds under ``internal_request_id`` in
-            # ``_pending_requests_by_id``, and handle calls made concurrently inside one request share
-            # that id: the index holds one of them, the others' routing loops never get fulfilled and
-            # spin without awaiting (100% CPU). Point the index at the request being routed now.
-            index = getattr(self, "_pending_requests_by_id", None)
-            if isinstance(index, dict):
-                index[pending_request.metadata.internal_request_id] = pending_request
+        serve_compat.index_pending_request(self, pending_request)  # one Serve bug: see serve_compat
         token_ids, max_tokens = _request_fields(pending_request)
         key = pending_request.metadata.internal_request_id if pending_request is not None else None
-        ranks = self.policy.choose({rid: r.routing_stats for rid, r in by_id.items()}, token_ids, key, max_tokens)
+        stats = {rid: ReplicaStats.of(r.routing_stats) for rid, r in by_id.items()}
+        ranks = self.policy.choose(stats, token_ids, key, max_tokens)
         return [[by_id[rid] for rid in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
