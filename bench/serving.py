@@ -1,7 +1,7 @@
 """Online serving benchmark: early exit on vs off through the OpenAI-compatible HTTP API.
 
 In the manner of vLLM's ``benchmarks/benchmark_serving.py`` / ``vllm bench serve``: ``--num-prompts``
-chat requests (the shared prompt sets, :func:`bench.common.load_prompts`) are sent to
+chat requests (the shared prompt sets, :func:`bench.common.prompts.load_prompts`) are sent to
 ``/v1/chat/completions`` with Poisson arrivals (exponential inter-arrival times of mean
 ``1/rate`` s, fixed ``--seed``; ``inf`` sends them all at once) at each ``--request-rates`` value,
 streamed (``stream=True``, ``stream_options={"include_usage": True}``). Two variants run at each

@@ -39,7 +39,7 @@ def held_out_prompts(exit_config) -> tuple[list[str], str]:
         if sp:
             splits = split_prompts(load_all(default_prompts_dir()), sp["seed"], sp["num_calib"], sp["num_test"])
             return [p.text for p in splits["test"]], "test split of the exit heads (held out)"
-    return load_prompts(64), "bench.common.load_prompts"
+    return load_prompts(64), "bench.common.load_prompts"  # the recorded source name, kept as results have it
 
 
 def chat_prompts(llm, texts: list[str], n: int) -> list[list[int]]:
