@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from bench.common import print_table, save, shipped_heads_workspace
+from bench.common.exits import shipped_heads_workspace
+from bench.common.results import print_table, save
 
 
 def main(argv=None):
@@ -37,8 +38,10 @@ def main(argv=None):
     from cluster.training.calibrate import CostModel, choose_thresholds, policy_stats
     from cluster.training.evaluate import exit_predictions
     from cluster.training.features import cached_features
+    from cluster.training.pipeline import read_heads_metadata
 
     model_dir, cfg, ws = shipped_heads_workspace()
+    meta = read_heads_metadata(cfg.heads_path)
     seqs = ws.sequences(("calib", "test"))
     thr = dict(zip(cfg.exit_layers, cfg.layer_thresholds or [cfg.threshold] * len(cfg.exit_layers)))
     target = float(json.load(open(model_exit_config_path(model_dir))).get("calibration", {}).get("target", 0.95))

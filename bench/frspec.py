@@ -21,28 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
-import time
 
 import torch
 
-from bench.common import print_table, save, shipped_heads_workspace
+from bench.common.exits import shipped_heads_workspace
+from bench.common.results import print_table, save
+from bench.common.timing import time_calls
 
 SIZES = (2048, 4096, 8192, 16384)
-
-
-def time_calls(fns: dict, x: torch.Tensor, rounds: int) -> dict:
-    """``{name: (min ms, median ms)}`` of single calls ``fn(x)``, interleaved over ``rounds`` rounds so
-    that a shared machine's load hits every variant alike (the minimum is the undisturbed cost)."""
-    samples = {k: [] for k in fns}
-    for fn in fns.values():
-        fn(x)  # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn(x)
-            samples[k].append(time.perf_counter() - t)
-    return {k: (min(v) * 1e3, statistics.median(v) * 1e3) for k, v in samples.items()}
 
 
 def train_answers(ws, max_tokens: int, max_train: int, log=print):

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_table, save
+from bench.common.results import print_table, save
 
 
 def _dir_bytes(path: str) -> int:

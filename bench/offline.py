@@ -45,236 +45,16 @@ exit head adapter, exit classifier): the per-check cost breakdown.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
-import json
-import time
-from typing import Optional
 
-import torch
-
-from bench.common import load_prompts, print_table, save
-from bench.weights import weight_bytes_per_token
-from cluster import LLM, ExitConfig, SamplingParams
-from cluster.training.quality import answers_nll, load_hf_causal_lm, quality_report
-
-LOSSLESS = ("verified", "self_speculative")
-
-
-# ----------------------------------------------------------------------------------------- prompts
-def held_out_prompts(exit_config: Optional[ExitConfig]) -> tuple[list[str], str]:
-    """The test split of the prompts the exit heads were trained with, else the bench prompt set."""
-    if exit_config is not None and exit_config.head == "trained":
-        from cluster.training.data import default_prompts_dir, load_prompts as load_all, split_prompts
-        from cluster.training.pipeline import read_heads_metadata
-
-        sp = json.loads(read_heads_metadata(exit_config.heads_path).get("splits", "{}"))
-        if sp:
-            splits = split_prompts(load_all(default_prompts_dir()), sp["seed"], sp["num_calib"], sp["num_test"])
-            return [p.text for p in splits["test"]], "test split of the exit heads (held out)"
-    return load_prompts(64), "bench.common.load_prompts"
-
-
-# -------------------------------------------------------------------------------------- variants
-def measure_configs(ec: ExitConfig, alternatives: dict) -> dict[str, ExitConfig]:
-    """One exit config per confidence measure at its calibrated thresholds.
-
-    The model's own config gives its measure; ``calibration.alternatives`` in its exit_config.json
-    (written by ``eeserve calibrate``) gives the others. Without them: the config's threshold.
-    """
-    out = {ec.confidence: ec}
-    for m, a in alternatives.items():
-        if a.get("exit_layers"):
-            out[m] = dataclasses.replace(ec, confidence=m, exit_layers=tuple(a["exit_layers"]),
-                                         layer_thresholds=tuple(a["layer_thresholds"]),
-                                         threshold=float(a["layer_thresholds"][0]))
-    if ec.head == "shared":
-        for m in ("max_prob", "top2_margin"):
-            out.setdefault(m, dataclasses.replace(ec, confidence=m))
-    return out
-
-
-def own_exit_config(model_dir: str, num_layers: int) -> tuple[ExitConfig, dict]:
-    """The model's own exit config and the calibrated ``alternatives`` recorded in the same file
-    (located once: finding shipped heads fingerprints the model's weights)."""
-    from cluster.engine.factory import model_exit_config_path, read_exit_config
-
-    path = model_exit_config_path(model_dir)
-    if path is None:
-        return ExitConfig.default_for(num_layers), {}
-    with open(path) as f:
-        alternatives = json.load(f).get("calibration", {}).get("alternatives", {})
-    return read_exit_config(path), alternatives
-
-
-# ---------------------------------------------------------------------------------------- running
-def run_engine(llm: LLM, prompt_ids, batch: int, max_tokens: int, exit_threshold=None):
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompt_ids[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    outs, t0 = [], time.perf_counter()
-    for i in range(0, len(prompt_ids), batch):
-        outs += llm.generate(prompt_ids[i:i + batch], params, exit_threshold=exit_threshold)
-    dt = time.perf_counter() - t0
-    toks = sum(len(o.token_ids) for o in outs)
-    layers = [l for o in outs for l in o.exit_layers]
-    return outs, toks / dt, sum(layers) / len(layers), collections.Counter(layers)
-
-
-def load_hf(model_dir: str, dtype: str):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-
-
-def run_hf(model, prompt_ids, batch: int, max_tokens: int):
-    with torch.no_grad():  # warm-up
-        model.generate(torch.tensor([prompt_ids[0]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
-    outs, t0 = [], time.perf_counter()
-    for i in range(0, len(prompt_ids), batch):
-        chunk = prompt_ids[i:i + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        with torch.no_grad():
-            y = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                               do_sample=False, pad_token_id=0)
-        outs += y[:, width:].tolist()
-    dt = time.perf_counter() - t0
-    return outs, sum(map(len, outs)) / dt
-
-
-def mode_configs(configs: dict[str, ExitConfig], modes: list[str], notes: list[str]) -> dict[str, ExitConfig]:
-    """``ee-<measure>-<mode>`` -> ``replace(config, mode=mode)`` (none, with a note, where ExitConfig has
-    no ``mode`` field or a measure's config cannot take the mode)."""
-    if not modes:
-        return {}
-    if "mode" not in {f.name for f in dataclasses.fields(ExitConfig)}:
-        notes.append(f"--modes {modes} skipped: ExitConfig has no 'mode' field")
-        return {}
-    out = {}
-    for m, c in configs.items():
-        for mode in modes:
-            try:
-                out[f"ee-{m}-{mode}"] = dataclasses.replace(c, mode=mode)
-            except ValueError as e:
-                notes.append(f"ee-{m}-{mode} skipped: {e}")
-    return out
-
-
-def speculative_stats(outs, cfg: Optional[ExitConfig]) -> dict:
-    """``acceptance_rate`` and ``tokens_per_verify`` of a lossless mode's outputs (if they carry the counts)."""
-    if getattr(cfg, "mode", None) not in LOSSLESS:
-        return {}
-    counts = [(getattr(o, "num_draft_tokens", None), getattr(o, "num_accepted_tokens", None),
-               getattr(o, "num_verify_steps", None)) for o in outs]
-    if not counts or any(v is None for c in counts for v in c):
-        return {"acceptance_rate": None, "tokens_per_verify": None}
-    drafts, accepted, verifies = (sum(c[i] for c in counts) for i in range(3))
-    toks = sum(len(o.token_ids) for o in outs)
-    return {"acceptance_rate": round(accepted / drafts, 4) if drafts else None,
-            "tokens_per_verify": round(toks / verifies, 3) if verifies else None}
-
-
-class NLLCache:
-    """Mean NLL per token of answers under the full model (transformers), memoised per (prompt, answer)."""
-
-    def __init__(self, hf_model):
-        self.model, self.memo = hf_model, {}
-
-    def __call__(self, prompts, answers) -> list[float]:
-        keys = [(tuple(p), tuple(a)) for p, a in zip(prompts, answers)]
-        todo = list(dict.fromkeys(k for k in keys if k not in self.memo))
-        for k, v in zip(todo, answers_nll(self.model, [k[0] for k in todo], [k[1] for k in todo])):
-            self.memo[k] = v
-        return [self.memo[k] for k in keys]
-
-
-def quality_columns(outs, ref, prompts, nll: Optional[NLLCache]) -> dict:
-    q = quality_report(outs, ref, nll=nll(prompts, outs) if nll is not None else None)
-    row = {"exact_match": round(q["exact_match_rate"], 4), "rouge_l": round(q["rouge_l"], 4),
-           "prefix_fraction": round(q["prefix_fraction"], 4)}
-    if "nll" in q:
-        row["nll_full"] = round(q["nll"], 4)
-    return row
-
-
-def free_agreement(a: list[list[int]], ref: list[list[int]]) -> float:
-    same = total = 0
-    for x, y in zip(a, ref):
-        total += len(y)
-        same += sum(int(p == q) for p, q in zip(x, y))
-    return same / max(1, total)
-
-
-class TeacherForced:
-    """Teacher-forced exit statistics along the full model's outputs (cluster.training.evaluate)."""
-
-    def __init__(self, model, ec: ExitConfig, prompt_ids, full_outputs):
-        from cluster.model.exits import ExitHeads
-        from cluster.training.data import Sequence
-        from cluster.training.evaluate import exit_predictions, heads_layers
-        from cluster.training.features import extract_features
-
-        layers = heads_layers(ec.heads_path) if ec.head == "trained" else ec.exit_layers
-        has_clf = ec.confidence == "classifier"
-        probe = dataclasses.replace(ec, exit_layers=tuple(layers), layer_thresholds=None,
-                                    confidence="classifier" if has_clf else "max_prob")
-        seqs = [Sequence(str(i), tuple(p), tuple(o)) for i, (p, o) in enumerate(zip(prompt_ids, full_outputs))]
-        with torch.inference_mode():
-            feats = extract_features(model, seqs, layers, progress=False)
-            self.pred = exit_predictions(ExitHeads(model, probe), feats)
-
-    def stats(self, ec: ExitConfig, threshold: Optional[float] = None) -> dict:
-        from cluster.training.calibrate import policy_stats
-
-        thr = {l: (threshold if threshold is not None else ec.threshold_for(l)) for l in ec.exit_layers}
-        return policy_stats(self.pred, ec.confidence, thr)
-
-
-# ------------------------------------------------------------------------------------------ costs
-def _time(fn, n: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n * 1e3
-
-
-@torch.inference_mode()
-def part_costs(model, heads) -> list[dict]:
-    """Milliseconds per call of the parts of a decode step (weights mostly cache-resident here, so
-    these are lower bounds next to a real step, which streams every weight from memory)."""
-    mc = model.config
-    layer = model.model.layers[mc.num_layers // 2]
-    rows = []
-    for n in (1, 16):
-        h = torch.randn(n, mc.hidden_size, dtype=next(model.parameters()).dtype)
-        pos = torch.arange(n)
-        mlp = _time(lambda: layer.mlp(h))
-        qkv = _time(lambda: layer.self_attn.qkv_proj(h))
-        row = {"batch": n, "layer_mlp_ms": mlp, "layer_qkv_ms": qkv,
-               "kv_fill_ms": _time(lambda: layer.self_attn.project_kv(layer.input_layernorm(h), pos)),
-               "lm_head_ms": _time(lambda: model.final_local_logits(h), n=10)}
-        if heads is not None and heads.heads:
-            k = next(iter(heads.heads))
-            row["exit_adapter_ms"] = _time(lambda: heads.heads[k](h))
-        if heads is not None and heads.classifiers:
-            k = next(iter(heads.classifiers))
-            row["exit_classifier_ms"] = _time(lambda: heads.classifiers[k](h))
-        rows.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
-    return rows
-
-
-def read_bandwidth_gbps(gib: float = 1.0) -> float:
-    """Best-of-5 ``torch.sum`` over a ``gib`` GiB float32 tensor: bytes read per second / 1e9."""
-    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best / 1e9
+from bench.common.engines import engine_kwargs, run_engine, run_hf, shutdown_all
+from bench.common.exits import LOSSLESS, cfg_json, measure_configs, mode_configs, speculative_stats
+from bench.common.limits import part_costs, read_bandwidth_gbps, weight_bytes_per_token
+from bench.common.prompts import chat_prompts, held_out_setup
+from bench.common.quality import NLLCache, TeacherForced, free_agreement, quality_columns
+from bench.common.results import print_table, save
+from cluster import LLM, ExitConfig
+from cluster.training.quality import load_hf_causal_lm
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -300,19 +80,14 @@ def main(argv=None):
     ap.add_argument("--name", default=None, help="JSON name under bench/results (default: offline / offline-sweep)")
     args = ap.parse_args(argv)
 
-    from cluster.model.loader import resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model)
-    kw = dict(dtype=args.dtype, enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20)
+    kw = engine_kwargs(args.dtype)
     full = LLM(args.model, early_exit=None, **kw)
     model = full.engine.workers.local.runner.model
     L = full.engine.model_config.num_layers
-    ec, alternatives = own_exit_config(model_dir, L)
+    ec, alternatives, texts, source = held_out_setup(args.model, L)
     configs = measure_configs(ec, alternatives)
     if args.measures:
         configs = {m: c for m, c in configs.items() if m in args.measures}
-    texts, source = held_out_prompts(ec)
-    print(f"prompts: {len(texts)} from {source}; exit config: {ec.confidence} at layers {ec.exit_layers}")
 
     if args.sweep is not None:
         return sweep(args, full, model, ec, texts, source, kw)
@@ -334,7 +109,7 @@ def main(argv=None):
     print(f"measured read bandwidth: {bw:.1f} GB/s")
     for batch in args.batch_sizes:
         n = args.num_prompts or (max(8, 2 * batch) if batch <= 4 else batch)
-        chat = [full.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(n)]
+        chat = chat_prompts(full, texts, n)
         best = {}  # variant -> (outputs, tokens/s, mean exit layer, counts): best of the interleaved rounds
         for _ in range(args.repeats):
             for name, (llm, _cfg) in variants.items():
@@ -390,15 +165,10 @@ def main(argv=None):
     print_table(costs, list(costs[0].keys()))
     path = save(args.name or "offline", {
         "args": vars(args), "prompts": source, "num_layers": L, "read_bandwidth_GBps": round(bw, 2),
-        "exit_configs": {m: _cfg_json(c) for m, c in configs.items()}, "rows": rows,
+        "exit_configs": {m: cfg_json(c) for m, c in configs.items()}, "rows": rows,
         "exit_layer_counts": hist, "part_costs_ms": costs, "notes": notes})
     print(f"saved {path}")
-    for llm, _ in variants.values():
-        llm.shutdown()
-
-
-def _cfg_json(c: ExitConfig) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(c).items()}
+    shutdown_all(*(llm for llm, _ in variants.values()))
 
 
 def sweep(args, full: LLM, model, ec: ExitConfig, texts, source, kw) -> None:
@@ -408,7 +178,7 @@ def sweep(args, full: LLM, model, ec: ExitConfig, texts, source, kw) -> None:
     rows = []
     for batch in args.batch_sizes:
         n = args.num_prompts or (max(8, 2 * batch) if batch <= 4 else batch)
-        chat = [full.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}]) for i in range(n)]
+        chat = chat_prompts(full, texts, n)
         ref, full_tps, _, _ = run_engine(full, chat, batch, args.max_tokens)
         ref = [o.token_ids for o in ref]
         tf = TeacherForced(model, cfg, chat, ref)
@@ -430,7 +200,7 @@ def sweep(args, full: LLM, model, ec: ExitConfig, texts, source, kw) -> None:
     print_table(rows, ["variant", "batch", "threshold", "tokens_per_s", "speedup_vs_full", "mean_exit_layer",
                        "agreement", "agreement_free", "exact_match", "rouge_l"])
     path = save(args.name or "offline-sweep", {"args": vars(args), "prompts": source,
-                                               "exit_config": _cfg_json(cfg), "rows": rows})
+                                               "exit_config": cfg_json(cfg), "rows": rows})
     print(f"saved {path}")
     ee.shutdown()
     full.shutdown()

@@ -30,7 +30,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.common import print_table, save
+from bench.common.prompts import chat_prompts
+from bench.common.results import print_table, save
 from cluster import LLM, SamplingParams
 
 LABELS = {  # (module, qualified attribute) -> category
@@ -142,8 +143,7 @@ def main(argv=None):
             try:
                 texts = ["Name three planets and say one thing about each.", "Explain how bread is made.",
                          "Write a haiku about rivers.", "What is a bicycle?"]
-                prompts = [llm.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}])
-                           for i in range(args.batch)]
+                prompts = chat_prompts(llm, texts, args.batch)
                 _decode_steps(llm, prompts, 4)  # warm-up (and compilation)
                 row = {"quantization": q, "mode": mode, "batch": args.batch, **profile_variant(llm, prompts, args.steps)}
             finally:

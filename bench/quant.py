@@ -17,82 +17,16 @@ float32 full model) and the mean exit layer. Also the weight bytes each model ho
 from __future__ import annotations
 
 import argparse
-import functools
-from typing import Optional
 
 import torch
 
-from bench.common import interleaved_best, print_table, save
-from bench.offline import free_agreement, held_out_prompts, own_exit_config, run_engine
-from bench.weights import held_bytes
+from bench.common.engines import (engine_kwargs, make_variants, run_engine, shutdown_all, speed_rows,
+                                  time_variants, token_ids)
+from bench.common.limits import held_bytes
+from bench.common.prompts import chat_prompts, held_out_setup
+from bench.common.quality import teacher_forced
+from bench.common.results import print_table, save
 from cluster import LLM
-from cluster.model.loader import resolve_model_dir
-
-
-@torch.inference_mode()
-def teacher_forced(model, prompts: list[list[int]], answers: list[list[int]]) -> dict:
-    """Greedy agreement and mean NLL of ``answers`` (the reference's tokens) under ``model``."""
-    from cluster.training.features import full_sequence_hidden
-
-    L = model.config.num_layers
-    same = total = 0
-    nll = 0.0
-    for p, a in zip(prompts, answers):
-        ids = list(p) + list(a)
-        rows = torch.arange(len(p) - 1, len(ids) - 1)  # positions predicting each answer token
-        h = full_sequence_hidden(model, [ids], [rows], [L])[L]
-        logits = model.lm_head.full_logits(model.final_local_logits(h.to(next(model.parameters()).dtype))).float()
-        target = torch.tensor(a)
-        same += int((logits.argmax(-1) == target).sum())
-        nll += float(-torch.log_softmax(logits, -1).gather(1, target[:, None]).sum())
-        total += len(a)
-    return {"agreement_tf": same / total, "nll": nll / total}
-
-
-def make_variants(model, quantizations, early_exit: bool = True, **kw) -> dict:
-    """One :class:`LLM` per ``(quantization, mode)``: mode ``full`` (no exits) and, with
-    ``early_exit``, ``ee`` (the model's own exit config)."""
-    variants = {}
-    for q in quantizations:
-        variants[(q, "full")] = LLM(model, early_exit=None, quantization=q, **kw)
-        if early_exit:
-            variants[(q, "ee")] = LLM(model, quantization=q, **kw)
-    return variants
-
-
-def time_variants(variants: dict, prompts: list[list[int]], batch: int, max_tokens: int, rounds: int,
-                  extra: Optional[dict] = None) -> dict:
-    """Best-of-``rounds`` :func:`run_engine` result of each variant, interleaved with the ``extra``
-    runs (key -> ``run(prompts, batch, max_tokens)`` returning the same tuple, e.g. :mod:`bench.peers`)."""
-    runs = {key: functools.partial(run_engine, llm, prompts, batch, max_tokens) for key, llm in variants.items()}
-    runs.update({key: functools.partial(run, prompts, batch, max_tokens) for key, run in (extra or {}).items()})
-    return interleaved_best(runs, rounds)
-
-
-def token_ids(outs) -> list[list[int]]:
-    """Generated token ids of each output (:class:`CompletionOutput` or a plain id list)."""
-    return [list(getattr(o, "token_ids", o)) for o in outs]
-
-
-def speed_rows(best: dict, batch: int, ref: list[list[int]]) -> list[dict]:
-    """Rows of the ``(quantization, mode)`` keys of ``best``: tokens/s, ratios to the float32 variant
-    of the same mode and to the float32 full model, mean exit layer, free-running agreement with ``ref``."""
-    rows = []
-    base = {mode: best[("none", mode)][1] for mode in ("full", "ee") if ("none", mode) in best}
-    for key, (outs, tps, mean_layer, _) in best.items():
-        if not (isinstance(key, tuple) and len(key) == 2):
-            continue
-        q, mode = key
-        row = {"quantization": q, "mode": mode, "batch": batch, "tokens_per_s": round(tps, 2),
-               "mean_exit_layer": round(mean_layer, 2),
-               "agreement_free": round(free_agreement(token_ids(outs), ref), 4)}
-        if mode in base:
-            row["speedup_vs_none"] = round(tps / base[mode], 3)
-        if ("none", "full") in best:
-            row["speedup_vs_float_full"] = round(tps / best[("none", "full")][1], 3)
-        rows.append(row)
-        print(f"  batch {batch:3d} {q:5s} {mode:4s} {tps:8.2f} tok/s  mean exit layer {mean_layer:5.2f}", flush=True)
-    return rows
 
 
 def main(argv=None):
@@ -109,17 +43,14 @@ def main(argv=None):
     ap.add_argument("--name", default="quant", help="JSON name under bench/results")
     args = ap.parse_args(argv)
 
-    kw = dict(dtype="float32", enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20)
+    kw = engine_kwargs()
     if args.group_size:
         kw["quant_group_size"] = args.group_size
     variants = make_variants(args.model, args.quantization, not args.no_early_exit, **kw)
     ref_llm = variants.get(("none", "full")) or LLM(args.model, early_exit=None, **kw)
     L = ref_llm.engine.model_config.num_layers
-    ec, _ = own_exit_config(resolve_model_dir(args.model), L)
-    texts, source = held_out_prompts(ec)
-    print(f"prompts: {len(texts)} from {source}; exit config: {ec.confidence} at layers {ec.exit_layers}")
-    chat = lambda n: [ref_llm.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}])  # noqa: E731
-                      for i in range(n)]
+    ec, _, texts, source = held_out_setup(args.model, L)
+    chat = lambda n: chat_prompts(ref_llm, texts, n)  # noqa: E731
     runner = lambda llm: llm.engine.workers.local.runner  # noqa: E731
 
     # ---- quality: teacher-forced along the float32 full model's greedy answers
@@ -152,8 +83,7 @@ def main(argv=None):
                                 "confidence": ec.confidence, "exit_layers": list(ec.exit_layers)},
                             "quality": quality, "rows": rows})
     print(f"saved {path}")
-    for llm in {id(v): v for v in [*variants.values(), ref_llm]}.values():
-        llm.shutdown()
+    shutdown_all(*variants.values(), ref_llm)
 
 
 if __name__ == "__main__":

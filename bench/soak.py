@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Optional
 
-from bench.common import save
+from bench.common.results import save
 from bench.loadgen import LoadGenerator, summarize
 
 APP = "soak"

@@ -23,41 +23,16 @@ model (:meth:`cluster.engine.engine.LLMEngine.draft_cost`) and the speed-up boun
 from __future__ import annotations
 
 import argparse
-import itertools
-import time
 from typing import Optional
 
-from bench.common import RESULTS, print_table, save
-from bench.offline import held_out_prompts
+from bench.common.engines import run_batch
+from bench.common.plots import plot_frontier
+from bench.common.prompts import chat_prompts, held_out_prompts
+from bench.common.results import print_table, results_dir, save
 from cluster import LLM, SamplingParams
 from cluster.core.draft_control import DraftLengthController
-from cluster.engine.protocol import CompletionOutput, EngineRequest
+from cluster.engine.protocol import CompletionOutput
 from cluster.training.quality import exact_match, rouge_l
-
-_ids = itertools.count()
-
-
-def run_batch(llm: LLM, prompts: list[list[int]], batch: int, sp: SamplingParams, **mode) -> tuple[list[CompletionOutput], float]:
-    """Generate for every prompt with at most ``batch`` requests in flight (continuous batching)."""
-    eng = llm.engine
-    todo = list(enumerate(prompts))
-    outs: dict[str, CompletionOutput] = {}
-    order: list[str] = []
-    t0 = time.perf_counter()
-    running = 0
-    while todo or running:
-        while todo and running < batch:
-            i, ids = todo.pop(0)
-            rid = f"spec-{next(_ids)}"
-            eng.add_request(EngineRequest(request_id=rid, prompt_token_ids=ids, sampling_params=sp, **mode))
-            outs[rid] = CompletionOutput(rid, ids)
-            order.append(rid)
-            running += 1
-        for d in eng.step():
-            outs[d.request_id].add(d)
-            if d.finished:
-                running -= 1
-    return [outs[r] for r in order], time.perf_counter() - t0
 
 
 def summarize(outs: list[CompletionOutput], ref: Optional[list[CompletionOutput]], seconds: float, L: int) -> dict:
@@ -74,34 +49,6 @@ def summarize(outs: list[CompletionOutput], ref: Optional[list[CompletionOutput]
         row["exact_match"] = round(sum(exact_match(o.token_ids, r.token_ids) for o, r in zip(outs, ref)) / len(outs), 3)
         row["rouge_l"] = round(sum(rouge_l(o.token_ids, r.token_ids) for o, r in zip(outs, ref)) / len(outs), 3)
     return row
-
-
-def plot_frontier(rows: list[dict], path) -> None:
-    """Speed-up over the full model (y) against free-running ROUGE-L against the full model's answers
-    (x), one marker per variant, one colour per batch size: the speed/quality frontier of every mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"full": "s", "lossy": "o", "verified": "*", "self_spec": "P"}
-    for b, color in zip(sorted({r["batch"] for r in rows}), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-        pts = [r for r in rows if r["batch"] == b]
-        for r in pts:
-            kind = r["variant"].split("@")[0]
-            ax.scatter(r["rouge_l"], r["speedup_vs_full"], color=color, marker=markers.get(kind, "o"), s=60,
-                       label=f"batch {b}" if r is pts[0] else None)
-            ax.annotate(r["variant"], (r["rouge_l"], r["speedup_vs_full"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("free-running ROUGE-L vs the full model's answer (1 = same text)")
-    ax.set_ylabel("tokens/s vs the full model")
-    ax.set_title("early-exit modes: speed vs quality (lossless modes sit at ROUGE-L 1)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -123,7 +70,7 @@ def main(argv=None):
     ec = eng.exit_config
     L = eng.model_config.num_layers
     texts, source = held_out_prompts(ec)
-    prompts = [llm.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    prompts = chat_prompts(llm, texts, len(texts))
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     k = args.num_draft_tokens
     variants = {
@@ -167,7 +114,7 @@ def main(argv=None):
                                "bound_speedup": round(gain, 3), "best_k": best_k})
     if layer_rows:
         print_table(layer_rows, ["draft_layer", "acceptance_k1", "draft_cost", "best_k", "bound_speedup"])
-    plot_frontier(rows, RESULTS / f"{args.name}-frontier.png")
+    plot_frontier(rows, results_dir() / f"{args.name}-frontier.png")
     save(args.name, {"rows": rows, "draft_layers": layer_rows, "prompts": source, "max_tokens": args.max_tokens,
                      "num_draft_tokens": k, "exit_config": {"exit_layers": list(ec.exit_layers), "policy": ec.policy,
                                                             "confidence": ec.confidence},

@@ -1,22 +1,22 @@
 """Decode speed side by side in one run: eeserve against its targets and its peers (issue 12).
 
 In one process, with interleaved rounds (each variant reports its best round, see
-:func:`bench.common.interleaved_best`), on the same chat prompts (the exit heads' held-out test split,
+:func:`bench.common.timing.interleaved_best`), on the same chat prompts (the exit heads' held-out test split,
 as in :mod:`bench.quant`), greedy, ``--tokens`` new tokens per prompt with EOS ignored, prefill
 included in the wall time:
 
 * eeserve: quantization ``none`` / ``int8`` / ``int4`` x ``full`` model / ``ee`` (the model's own
   early-exit config) at each ``--batch-sizes`` value (float32 activations for ``none``);
 * transformers ``generate`` on the same weights in float32 (the GGUF dequantized by transformers, or
-  the safetensors directory), at each batch size (:class:`bench.peers.HFGenerate`);
-* llama-cpp-python on the model's GGUF at batch 1 (:class:`bench.peers.LlamaCppRun`, the machine's
+  the safetensors directory), at each batch size (:class:`bench.common.peers.HFGenerate`);
+* llama-cpp-python on the model's GGUF at batch 1 (:class:`bench.common.peers.LlamaCppRun`, the machine's
   cores as threads); skipped with a note when it is not installed or the model has no GGUF.
 
-Memory traffic: ``weight_MB_per_token`` is what one decode step reads (:mod:`bench.weights`:
+Memory traffic: ``weight_MB_per_token`` is what one decode step reads (:mod:`bench.common.limits`:
 packed quantized weights + scales, the layers run, the KV-fill projections of skipped layers, exit
 checks, LM head; llama.cpp: the GGUF's tensor sizes) divided by the batch size; ``weight_GBps`` is the
 step's bytes x steps/s and ``bw_fraction`` that over the machine's read bandwidth, measured here
-(:func:`bench.offline.read_bandwidth_gbps`). Early exit at batch > 1 is left out: a step runs as deep
+(:func:`bench.common.limits.read_bandwidth_gbps`). Early exit at batch > 1 is left out: a step runs as deep
 as its deepest row, which the mean exit layer does not give.
 
 Per-step overhead: the median decode-step time (ms) at batch 1 of the full model cut to each of
@@ -40,23 +40,20 @@ Targets (on this kind of machine, issue 12), with a pass/miss column:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import statistics
 import tempfile
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 
-from bench.common import interleaved_best, print_table, save
-from bench.offline import free_agreement, held_out_prompts, own_exit_config, read_bandwidth_gbps
-from bench.peers import HFGenerate, LlamaCppRun, gguf_path, llama_cpp_available
-from bench.quant import make_variants, speed_rows, time_variants, token_ids
-from bench.weights import gguf_bytes_per_token, hf_bytes_per_token, weight_bytes_per_token
-from cluster import LLM, SamplingParams
+from bench.common import serving
+from bench.common.engines import engine_kwargs, make_variants, shutdown_all, speed_rows, time_variants, token_ids
+from bench.common.limits import add_traffic, overhead_fits, read_bandwidth_gbps, weight_bytes_per_token
+from bench.common.peers import gguf_path, llama_cpp_available, make_peers, peer_rows
+from bench.common.prompts import chat_prompts, held_out_setup
+from bench.common.results import print_table, save
+from cluster import LLM
 from cluster.model.loader import resolve_model_dir
 
 ISSUE_FLOAT32_BATCH1 = 18.5  # tok/s, eeserve float32 batch 1 when issue 12 was filed (2-core EPYC)
@@ -64,130 +61,6 @@ TARGETS = {"int4_vs_float32_b1": 3.0, "fixed_overhead_ms": 3.0, "b16_vs_transfor
            "http16_vs_llama_cpp": 2.0}
 COLS = ["engine", "quantization", "mode", "batch", "tokens_per_s", "speedup_vs_float_full", "mean_exit_layer",
         "agreement_free", "weight_MB_per_token", "weight_GBps", "bw_fraction"]
-
-
-# ------------------------------------------------------------------------------ per-step overhead
-def truncated_model_dir(model_dir: str, num_layers: int, root: str) -> str:
-    """A copy of ``model_dir`` under ``root`` whose config keeps the first ``num_layers`` decoder
-    layers (other files symlinked: the loader skips the weights of the dropped layers)."""
-    out = os.path.join(root, f"layers-{num_layers}")
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(model_dir):
-        if name in ("config.json", "exit_config.json"):
-            continue
-        os.symlink(os.path.join(os.path.abspath(model_dir), name), os.path.join(out, name))
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["num_hidden_layers"] = num_layers
-    if isinstance(cfg.get("layer_types"), list):
-        cfg["layer_types"] = cfg["layer_types"][:num_layers]
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return out
-
-
-def decode_step_ms(llm: LLM, prompt_ids: list[int], steps: int) -> float:
-    """Median wall time (ms) of one engine step of a lone request's decode (the prefill step left
-    out), over ``steps`` decode steps: scheduling, the forward, sampling and detokenizing."""
-    eng = llm.engine
-    eng.add_request(prompt_ids, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
-    times = []
-    while eng.has_unfinished_requests():
-        t = time.perf_counter()
-        eng.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:]) * 1e3
-
-
-def fit_overhead(points: dict[int, float]) -> dict:
-    """Least squares ``t = fixed_ms + per_layer_ms * n`` over ``{n: ms}`` (two or more depths)."""
-    n = np.array(sorted(points), dtype=float)
-    t = np.array([points[k] for k in sorted(points)])
-    (fixed, per_layer), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), t, rcond=None)
-    resid = t - (fixed + per_layer * n)
-    return {"fixed_ms": round(float(fixed), 3), "per_layer_ms": round(float(per_layer), 4),
-            "max_residual_ms": round(float(np.abs(resid).max()), 3)}
-
-
-def overhead_fits(model: Optional[str], full: dict, depths: list[int], prompt_ids: list[int], steps: int,
-                  rounds: int, kw: dict) -> list[dict]:
-    """Per-step overhead fit for every quantization: ``full`` maps quantization -> the full-depth
-    :class:`LLM` (its depth is one point); the other ``depths`` load cut copies, timed interleaved."""
-    model_dir = resolve_model_dir(model)
-    L = next(iter(full.values())).engine.model_config.num_layers
-    depths = sorted({min(max(1, d), L) for d in depths})
-    root = tempfile.mkdtemp(prefix="eeserve-speed-layers-")
-    llms = {}
-    try:
-        cut = {n: truncated_model_dir(model_dir, n, root) for n in depths if n != L}
-        for q, llm in full.items():
-            for n in depths:
-                llms[(q, n)] = llm if n == L else LLM(cut[n], early_exit=None, quantization=q, **kw)
-        for llm in llms.values():  # warm-up
-            decode_step_ms(llm, prompt_ids, 2)
-        best = interleaved_best({k: (lambda llm=llm: decode_step_ms(llm, prompt_ids, steps)) for k, llm in llms.items()},
-                                rounds, score=lambda ms: -ms)
-    finally:
-        for (q, n), llm in llms.items():
-            if n != L:
-                llm.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
-    rows = []
-    for q in full:
-        pts = {n: best[(q, n)] for n in depths}
-        row = {"quantization": q, **{f"step_ms@{n}": round(v, 3) for n, v in pts.items()}}
-        if len(pts) >= 2:
-            row.update(fit_overhead(pts))
-        rows.append(row)
-        print(f"  overhead {q:5s} " + "  ".join(f"{n} layers {v:7.3f} ms" for n, v in pts.items())
-              + (f"  -> fixed {row['fixed_ms']:.3f} ms + {row['per_layer_ms']:.4f} ms/layer" if "fixed_ms" in row
-                 else ""), flush=True)
-    return rows
-
-
-# ----------------------------------------------------------------------------------------- peers
-def make_peers(args) -> tuple[dict, dict, list[str]]:
-    """(peer runs by name, weight bytes per token by name, notes on skipped peers)."""
-    runs, nbytes, notes = {}, {}, []
-    if args.no_peers:
-        return runs, nbytes, ["peers skipped (--no-peers)"]
-    hf = HFGenerate(args.model, "float32")
-    runs["transformers"], nbytes["transformers"] = hf, hf_bytes_per_token(hf.model)
-    gguf = gguf_path(args.model)
-    if not llama_cpp_available():
-        notes.append('llama-cpp-python skipped: not installed (pip install -e ".[peers]")')
-    elif gguf is None:
-        notes.append("llama-cpp-python skipped: the model has no GGUF file")
-    else:
-        runs["llama-cpp"], nbytes["llama-cpp"] = LlamaCppRun(gguf), gguf_bytes_per_token(gguf)
-    return runs, nbytes, notes
-
-
-def peer_rows(best: dict, peers: list[str], batch: int, ref: list[list[int]]) -> list[dict]:
-    rows = []
-    full = best.get(("none", "full"))
-    for name in peers:
-        if name not in best:
-            continue
-        outs, tps, mean_layer, _ = best[name]
-        row = {"engine": name, "quantization": "gguf" if name == "llama-cpp" else "none", "mode": "full",
-               "batch": batch, "tokens_per_s": round(tps, 2), "mean_exit_layer": round(mean_layer, 2),
-               "agreement_free": round(free_agreement(token_ids(outs), ref), 4)}
-        if full is not None:
-            row["speedup_vs_float_full"] = round(tps / full[1], 3)
-        rows.append(row)
-        print(f"  batch {batch:3d} {name:17s} {tps:8.2f} tok/s", flush=True)
-    return rows
-
-
-def add_traffic(row: dict, step_bytes: Optional[float], bw_gbps: float) -> None:
-    """``weight_MB_per_token``, ``weight_GBps`` and ``bw_fraction`` of a row from its step's bytes."""
-    if step_bytes is None:
-        return
-    b = row["batch"]
-    gbps = step_bytes * row["tokens_per_s"] / b / 1e9
-    row.update(weight_MB_per_token=round(step_bytes / b / 1e6, 2), weight_GBps=float(f"{gbps:.3g}"),
-               bw_fraction=float(f"{gbps / bw_gbps:.3g}"))
 
 
 # --------------------------------------------------------------------------------------- targets
@@ -229,15 +102,15 @@ def target_rows(rows: list[dict], fits: list[dict], http: Optional[dict]) -> lis
 
 
 def run_http(args) -> Optional[dict]:
-    """The concurrent HTTP comparison (:mod:`bench.serving` with ``--peer llama-cpp``)."""
-    from bench import serving
-
+    """The concurrent HTTP comparison (:mod:`bench.serving`'s load with ``--peer llama-cpp``)."""
     argv = ["--num-prompts", str(args.http_streams), "--request-rates", "inf", "--max-tokens", str(args.tokens),
             "--ignore-eos", "--quantization", args.http_quantization, "--name", f"{args.name}-http",
             "--peer", "llama-cpp", "--peer-log", os.path.join(tempfile.gettempdir(), "eeserve-llama-server.log")]
     if args.model:
         argv += ["--model", args.model]
-    payload = serving.main(argv)
+    sargs = serving.parse_args(argv)
+    payload = serving.run(sargs)
+    serving.report(sargs, payload)
     return {"num_prompts": args.http_streams, "quantization": args.http_quantization,
             "rows": payload["rows"], "peer_ratios": payload["peer_ratios"]}
 
@@ -271,8 +144,8 @@ def main(argv=None):
         args.batch_sizes, args.bandwidth_gib = [1, 4], 0.125
 
     t_start = time.perf_counter()
-    model_dir = resolve_model_dir(args.model)
-    kw = dict(dtype="float32", enable_prefix_caching=False, kv_cache_memory_bytes=256 << 20)
+    resolve_model_dir(args.model)  # resolved (a GGUF read, cached) before the engines' start-up is timed
+    kw = engine_kwargs()
     if args.compile:
         kw["torch_compile"] = True
     t0 = time.perf_counter()
@@ -280,12 +153,9 @@ def main(argv=None):
     startup_s = time.perf_counter() - t0
     ref_llm = variants.get(("none", "full")) or LLM(args.model, early_exit=None, **kw)
     L = ref_llm.engine.model_config.num_layers
-    ec, _ = own_exit_config(model_dir, L)
-    texts, source = held_out_prompts(ec)
-    print(f"prompts: {len(texts)} from {source}; exit config: {ec.confidence} at layers {ec.exit_layers}")
-    chat = [ref_llm.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}])
-            for i in range(max([args.batch1_prompts, *args.batch_sizes]))]
-    peers, peer_bytes, notes = make_peers(args)
+    ec, _, texts, source = held_out_setup(args.model, L)
+    chat = chat_prompts(ref_llm, texts, max([args.batch1_prompts, *args.batch_sizes]))
+    peers, peer_bytes, notes = make_peers(args.model, args.no_peers)
     for n in notes:
         print(f"note: {n}")
     bw = read_bandwidth_gbps(args.bandwidth_gib)
@@ -315,8 +185,7 @@ def main(argv=None):
     depths = args.layers or [2, 8, L]
     fits = overhead_fits(args.model, {q: variants[(q, "full")] for q in args.quantization}, depths, chat[0],
                          args.fit_steps, args.rounds, kw)
-    for llm in {id(v): v for v in [*variants.values(), ref_llm]}.values():
-        llm.shutdown()
+    shutdown_all(*variants.values(), ref_llm)
     for p in peers.values():
         if hasattr(p, "close"):
             p.close()

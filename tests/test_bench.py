@@ -39,7 +39,7 @@ def test_offline_mode_variants_and_speculative_stats():
     import dataclasses
     from types import SimpleNamespace
 
-    from bench.offline import mode_configs, speculative_stats
+    from bench.common.exits import mode_configs, speculative_stats
     from cluster.config import ExitConfig
 
     notes = []
@@ -59,7 +59,7 @@ def test_offline_mode_variants_and_speculative_stats():
 
 @pytest.mark.timeout(120)
 def test_plots_from_saved_results(tmp_path):
-    from bench.plots import plot_exit_histogram, plot_speed_vs_agreement
+    from bench.common.plots import plot_exit_histogram, plot_speed_vs_agreement
 
     rows = [{"variant": "ee", "batch": b, "threshold": t, "speedup_vs_full": 1 + (1 - t) / 2, "agreement": t}
             for b in (1, 16) for t in (0.5, 0.7, 0.9)]
@@ -109,7 +109,7 @@ def test_speed_bench_quick_writes_every_variant_fit_and_target(tiny_model_dir, t
 
 
 def test_overhead_fit_recovers_a_line():
-    from bench.speed import fit_overhead
+    from bench.common.limits import fit_overhead
 
     f = fit_overhead({2: 3.0 + 2 * 0.5, 8: 3.0 + 8 * 0.5, 30: 3.0 + 30 * 0.5})
     assert f["fixed_ms"] == pytest.approx(3.0) and f["per_layer_ms"] == pytest.approx(0.5)

@@ -1,7 +1,7 @@
 """Peers of eeserve for side-by-side benchmarks: llama-cpp-python on the same GGUF and Hugging Face
 transformers ``generate`` on the same float32 weights.
 
-Every peer run has the interface of :func:`bench.offline.run_engine`:
+Every peer run has the interface of :func:`bench.common.engines.run_engine`:
 ``run(prompt_ids, batch, max_tokens) -> (outputs, tokens_per_s, mean_exit_layer, exit_layer_counts)``
 with ``outputs`` a list of generated token-id lists, greedy, EOS ignored (every prompt gets
 ``max_tokens`` tokens), prefill included in the wall time, one warm-up call first; peers always run
@@ -25,7 +25,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from bench.offline import load_hf, run_hf
+from bench.common.engines import load_hf, run_hf, token_ids
+from bench.common.limits import gguf_bytes_per_token, hf_bytes_per_token
+from bench.common.quality import free_agreement
 
 
 def llama_cpp_available() -> bool:
@@ -123,6 +125,45 @@ class HFGenerate:
     def __call__(self, prompt_ids: list[list[int]], batch: int, max_tokens: int):
         outs, tps = run_hf(self.model, prompt_ids, batch, max_tokens)
         return outs, tps, float(self.num_layers), None
+
+
+# ------------------------------------------------------------------------------------------- rows
+def make_peers(model: Optional[str], no_peers: bool = False) -> tuple[dict, dict, list[str]]:
+    """``(peer runs by name, weight bytes per token by name, notes on skipped peers)`` for ``model``
+    (None: the default model): transformers on the float32 weights, llama-cpp-python on its GGUF
+    when installed and the model has one; none with ``no_peers``."""
+    runs, nbytes, notes = {}, {}, []
+    if no_peers:
+        return runs, nbytes, ["peers skipped (--no-peers)"]
+    hf = HFGenerate(model, "float32")
+    runs["transformers"], nbytes["transformers"] = hf, hf_bytes_per_token(hf.model)
+    gguf = gguf_path(model)
+    if not llama_cpp_available():
+        notes.append('llama-cpp-python skipped: not installed (pip install -e ".[peers]")')
+    elif gguf is None:
+        notes.append("llama-cpp-python skipped: the model has no GGUF file")
+    else:
+        runs["llama-cpp"], nbytes["llama-cpp"] = LlamaCppRun(gguf), gguf_bytes_per_token(gguf)
+    return runs, nbytes, notes
+
+
+def peer_rows(best: dict, peers: list[str], batch: int, ref: list[list[int]]) -> list[dict]:
+    """Rows of the ``peers`` keys of ``best`` (name -> a run's tuple): tokens/s, the ratio to the float32
+    full model (key ``("none", "full")``) and free-running agreement with ``ref``."""
+    rows = []
+    full = best.get(("none", "full"))
+    for name in peers:
+        if name not in best:
+            continue
+        outs, tps, mean_layer, _ = best[name]
+        row = {"engine": name, "quantization": "gguf" if name == "llama-cpp" else "none", "mode": "full",
+               "batch": batch, "tokens_per_s": round(tps, 2), "mean_exit_layer": round(mean_layer, 2),
+               "agreement_free": round(free_agreement(token_ids(outs), ref), 4)}
+        if full is not None:
+            row["speedup_vs_float_full"] = round(tps / full[1], 3)
+        rows.append(row)
+        print(f"  batch {batch:3d} {name:17s} {tps:8.2f} tok/s", flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ server
