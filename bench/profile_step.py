@@ -88,7 +88,7 @@ def _decode_steps(llm: LLM, prompts: list[list[int]], steps: int, ctx=None) -> l
     the context manager ``ctx`` if given, e.g. the profiler)."""
     eng = llm.engine
     for p in prompts:
-        eng.add_request(p, SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+        llm.add_request(p, SamplingParams(max_tokens=steps + 8, ignore_eos=True))
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in eng.scheduler.running + list(eng.scheduler.waiting)):
         eng.step()
     times = []

@@ -31,7 +31,7 @@ from bench.common.prompts import chat_prompts, held_out_prompts
 from bench.common.results import print_table, results_dir, save
 from cluster import LLM, SamplingParams
 from cluster.core.draft_control import DraftLengthController
-from cluster.engine.protocol import CompletionOutput
+from cluster.frontend.outputs import CompletionOutput
 from cluster.training.quality import exact_match, rouge_l
 
 

@@ -39,7 +39,7 @@ def pytest_configure(config):
 
     path = write_test_prompts(os.path.join(tempfile.mkdtemp(prefix="eeserve-prompts-"), "prompts"))
     os.environ["EESERVE_PROMPTS_DIR"] = path  # cluster.training.data.default_prompts_dir
-    os.environ["EESERVE_PROMPTS"] = path  # bench.common.PROMPT_DIR
+    os.environ["EESERVE_PROMPTS"] = path  # bench.common.prompts.PROMPT_DIR
 
 
 @pytest.fixture(scope="session")

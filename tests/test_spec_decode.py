@@ -17,7 +17,8 @@ import torch
 
 from cluster import LLM, SamplingParams
 from cluster.config import ExitConfig
-from cluster.engine.protocol import CompletionOutput, EngineRequest, InvalidRequestError
+from cluster.engine.protocol import EngineRequest, InvalidRequestError
+from cluster.frontend.outputs import CompletionOutput
 
 pytestmark = pytest.mark.timeout(300)
 

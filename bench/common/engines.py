@@ -48,7 +48,8 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch: int, sp: SamplingParams
     """Generate for every prompt with at most ``batch`` requests in flight (continuous batching through
     ``llm.engine``; ``mode``: :class:`~cluster.engine.protocol.EngineRequest` fields such as
     ``exit_mode``): ``(outputs in prompt order, wall seconds)``. No warm-up."""
-    from cluster.engine.protocol import CompletionOutput, EngineRequest
+    from cluster.engine.protocol import EngineRequest
+    from cluster.frontend.outputs import CompletionOutput
 
     eng = llm.engine
     todo = list(enumerate(prompts))

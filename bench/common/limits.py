@@ -196,7 +196,7 @@ def decode_step_ms(llm: LLM, prompt_ids: list[int], steps: int) -> float:
     """Median wall time (ms) of one engine step of a lone request's decode (the prefill step left
     out), over ``steps`` decode steps: scheduling, the forward, sampling and detokenizing."""
     eng = llm.engine
-    eng.add_request(prompt_ids, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
+    llm.add_request(prompt_ids, SamplingParams(max_tokens=steps + 1, ignore_eos=True))
     times = []
     while eng.has_unfinished_requests():
         t = time.perf_counter()
