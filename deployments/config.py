@@ -133,16 +133,22 @@ class ServeArgs(BaseModel):
         """The engine's ``early_exit`` argument: None (full model), the model's own exit config
         (``MODEL_DEFAULT``), or, with ``exit_mode`` / ``draft_layer`` / ``num_draft_tokens`` /
         ``adaptive_drafts``, the model's exit config with those fields replaced (``mode`` for
-        ``exit_mode``; reads the model's config files)."""
+        ``exit_mode``; reads the model's config files); ``exit_threshold`` replaces the config's
+        threshold at every exit layer (calibrated per-layer thresholds included)."""
+        import dataclasses
+
         from cluster.engine.factory import MODEL_DEFAULT, model_exit_config_with
 
         if not self.early_exit:
             return None
         over = dict(mode=self.exit_mode, draft_layer=self.draft_layer, num_draft_tokens=self.num_draft_tokens,
                     adaptive_drafts=self.adaptive_drafts)
-        if all(v is None for v in over.values()):
+        if all(v is None for v in over.values()) and self.exit_threshold is None:
             return MODEL_DEFAULT
-        return model_exit_config_with(self.model, **over)
+        ec = model_exit_config_with(self.model, **over)
+        if self.exit_threshold is not None:
+            ec = dataclasses.replace(ec, threshold=self.exit_threshold, layer_thresholds=None)
+        return ec
 
     @property
     def model_name(self) -> str:

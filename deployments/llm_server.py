@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Union
 
 from ray import serve
@@ -37,12 +36,6 @@ from deployments.replica_stats import ReplicaStats
 
 logger = logging.getLogger("ray.serve")
 EXIT_WINDOW_TOKENS = 512  # generated tokens whose exit layers make the routed "recent mean exit layer"
-
-
-@dataclass
-class _Active:
-    num_prompt_tokens: int
-    num_output_tokens: int = 0
 
 
 @serve.deployment(name="LLMServer", health_check_period_s=5.0, health_check_timeout_s=60.0,
@@ -72,10 +65,8 @@ class LLMServer:
         self.engine = AsyncEngine.from_args(**kwargs)
         mc = self.engine.model_config
         self.num_layers = mc.num_layers
-        self.default_threshold = self.args.exit_threshold  # None: the engine's (model's) threshold
         eng = self.engine.engine
         self.kv_capacity_tokens = eng.num_blocks * eng.block_size
-        self._active: dict[str, _Active] = {}
         self._recent_exits: collections.deque[int] = collections.deque(maxlen=EXIT_WINDOW_TOKENS)
         self.num_routing_stats_reports = 0
         try:
@@ -96,14 +87,10 @@ class LLMServer:
         """
         from cluster.engine.async_engine import EngineDeadError
 
-        if req.exit_threshold is None and self.default_threshold is not None:
-            req = req.model_copy(update={"exit_threshold": self.default_threshold})
-        self._active[req.request_id] = act = _Active(len(req.prompt_token_ids))
         first = True
         try:
             async with contextlib.aclosing(self.engine.generate(req)) as stream:
                 async for out in stream:
-                    act.num_output_tokens = out.num_output_tokens
                     self._recent_exits.extend(out.new_exit_layers)
                     if first:
                         first = False
@@ -111,15 +98,12 @@ class LLMServer:
                     yield out
         except (InvalidRequestError, EngineDeadError) as e:
             yield e
-        finally:
-            self._active.pop(req.request_id, None)
 
     async def model_info(self) -> dict:
         mc = self.engine.model_config
         ec = self.engine.engine.exit_config
         return {"num_layers": mc.num_layers, "max_model_len": mc.max_model_len, "vocab_size": mc.vocab_size,
-                "exit_layers": list(ec.exit_layers) if ec else [], "exit_threshold":
-                    (self.default_threshold if self.default_threshold is not None else (ec.threshold if ec else None)),
+                "exit_layers": list(ec.exit_layers) if ec else [], "exit_threshold": ec.threshold if ec else None,
                 "exit_mode": (ec.mode or ec.policy) if ec else None,
                 "draft_layer": ec.default_draft_layer if ec else None,
                 "num_draft_tokens": ec.num_draft_tokens if ec else None,
@@ -135,11 +119,8 @@ class LLMServer:
 
     def _routing_stats(self) -> ReplicaStats:
         s = self.engine.stats()
-        running = [a for a in self._active.values() if a.num_output_tokens > 0]
-        waiting = [a for a in self._active.values() if a.num_output_tokens == 0]
         return ReplicaStats(
-            running_tokens=sum(a.num_prompt_tokens + a.num_output_tokens for a in running),
-            waiting_tokens=sum(a.num_prompt_tokens for a in waiting),
+            running_tokens=s.get("running_tokens", 0), waiting_tokens=s.get("waiting_tokens", 0),
             num_running=s.get("num_running", 0), num_waiting=s.get("num_waiting", 0),
             kv_usage=round(float(s.get("kv_usage", 0.0)), 3), kv_capacity_tokens=self.kv_capacity_tokens,
             mean_exit_layer=round(self.mean_exit_layer, 3), num_layers=self.num_layers, ts=time.time())
@@ -150,7 +131,7 @@ class LLMServer:
         import psutil
         import ray
 
-        return {**self.engine.stats(), "replica": self.replica_id, "num_active": len(self._active),
+        return {**self.engine.stats(), "replica": self.replica_id,
                 "num_blocks": self.engine.engine.num_blocks,
                 "num_routing_stats_reports": self.num_routing_stats_reports,
                 "mean_exit_layer": round(self.mean_exit_layer, 3), "num_layers": self.num_layers,

@@ -331,9 +331,14 @@ class Scheduler:
     @property
     def stats(self) -> dict:
         """Counters for metrics: queue lengths, KV usage (0..1), free blocks, prefix cache blocks
-        hit / queried, and preemptions since start."""
+        hit / queried, preemptions since start, and the routed load: ``running_tokens`` (prompt +
+        output tokens of requests that have output) and ``waiting_tokens`` (prompt tokens of those
+        still waiting for their first token)."""
         bm = self.block_manager
+        started = [r.num_tokens for r in self.requests.values() if r.output_token_ids]
         return {
+            "running_tokens": sum(started),
+            "waiting_tokens": sum(r.num_prompt_tokens for r in self.requests.values() if not r.output_token_ids),
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "kv_usage": bm.usage,

@@ -109,7 +109,7 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         """Latest scheduler statistics (running, waiting, KV usage, prefix cache) plus counters."""
-        return {**self._stats, "num_generated_tokens": self.num_generated_tokens,
+        return {**self._stats, "num_active": len(self._streams), "num_generated_tokens": self.num_generated_tokens,
                 "num_finished_requests": self.num_finished_requests,
                 "num_failed_requests": self.num_failed_requests}
 
