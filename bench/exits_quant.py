@@ -38,7 +38,7 @@ def main(argv=None):
     from cluster.training.calibrate import CostModel, choose_thresholds, policy_stats
     from cluster.training.evaluate import exit_predictions
     from cluster.training.features import cached_features
-    from cluster.training.pipeline import read_heads_metadata
+    from cluster.training.workspace import read_heads_metadata
 
     model_dir, cfg, ws = shipped_heads_workspace()
     meta = read_heads_metadata(cfg.heads_path)

@@ -88,7 +88,7 @@ def shipped_heads_workspace():
     splits (the ones recorded in the heads file): ``(model_dir, exit_config, workspace)``."""
     from cluster.engine.factory import model_exit_config_path, read_exit_config
     from cluster.model.loader import resolve_model_dir
-    from cluster.training.pipeline import DataSettings, Workspace, read_heads_metadata
+    from cluster.training.workspace import DataSettings, Workspace, read_heads_metadata
 
     model_dir = resolve_model_dir(None)
     cfg = read_exit_config(model_exit_config_path(model_dir))

@@ -33,7 +33,7 @@ def held_out_prompts(exit_config) -> tuple[list[str], str]:
     64 prompts of :func:`load_prompts`."""
     if exit_config is not None and exit_config.head == "trained":
         from cluster.training.data import default_prompts_dir, load_prompts as load_all, split_prompts
-        from cluster.training.pipeline import read_heads_metadata
+        from cluster.training.workspace import read_heads_metadata
 
         sp = json.loads(read_heads_metadata(exit_config.heads_path).get("splits", "{}"))
         if sp:

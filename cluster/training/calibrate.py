@@ -13,7 +13,7 @@ constraint holds. Layers it never enables are dropped from the exit config.
 Free-running target (``eeserve calibrate --metric rouge_l``): :func:`search_blend` raises those
 thresholds toward 1.0 (:func:`blend_thresholds`) by the least amount at which the early-exit answers'
 ROUGE-L against the full model's answers meets the target (generation is the caller's, see
-:func:`cluster.training.pipeline.calibrate_config`).
+:func:`cluster.training.calibration.calibrate_config`).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def add_train_exits_parser(subparsers) -> argparse.ArgumentParser:
     """``train-exits``: self-distil exit heads + exit classifiers, write them and calibrate."""
-    from cluster.training.pipeline import DataSettings
+    from cluster.training.workspace import DataSettings
     from cluster.training.train import TrainSettings
 
     d, t = DataSettings(), TrainSettings()
@@ -139,7 +139,7 @@ def run_train_exits(args) -> int:
 def run_calibrate(args) -> int:
     from cluster.engine.factory import model_exit_config_path
     from cluster.model.loader import resolve_model_dir
-    from cluster.training.pipeline import calibrate_config
+    from cluster.training.calibration import calibrate_config
 
     _setup(args)
     config = args.config or model_exit_config_path(resolve_model_dir(args.model))
