@@ -13,7 +13,8 @@ import torch
 
 from cluster.config import ExitConfig, ModelConfig
 from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from cluster.model.exits import ExitHeads, ExitResult, forward_with_exits
+from cluster.model.exit_heads import ExitHeads
+from cluster.model.exits import ExitResult, forward_with_exits
 from cluster.model.layers.quant import QuantizedWeight
 from cluster.model.layers.sampler import host_to_device, sample
 from cluster.model.llama import LlamaForCausalLM

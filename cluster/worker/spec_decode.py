@@ -20,7 +20,7 @@ import torch
 
 from cluster.core.outputs import ScheduledRequest
 from cluster.distributed import broadcast_from_driver
-from cluster.model.exits import ExitHeads
+from cluster.model.exit_heads import ExitHeads
 from cluster.model.layers.sampler import host_to_device, process_logits
 from cluster.model.llama import LlamaForCausalLM
 from cluster.model.speculative import accept_greedy, accept_sampled, draft_forward
@@ -32,7 +32,7 @@ class SpecDecoder:
     """Drafting and acceptance on one rank, beside the model runner.
 
     Args:
-        model, heads: the rank's model and its exit heads (None: no exit layers; drafting raises).
+        model, heads: the rank's model and its exit heads (None: no exit layers; ``verified`` drafting raises).
         kv_caches: the rank's per-layer KV caches ``[2, num_blocks, block_size, KVH_local, d]``: the
             runner's list, which it refills in place when the cache is (re)allocated.
         packer: the runner's :class:`~cluster.worker.input_batch.InputPacker` (block size, device).
