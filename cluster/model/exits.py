@@ -1,4 +1,4 @@
-"""Early exit: exit heads, confidence measures, and the layer-by-layer forward with KV fill.
+"""Early exit: the layer-by-layer forward with exit tests and KV fill.
 
 Rules from "An Efficient Inference Framework for Early-exit LLMs" (Miao et al., arXiv 2407.20272):
 
@@ -12,9 +12,8 @@ Rules from "An Efficient Inference Framework for Early-exit LLMs" (Miao et al., 
   from its frozen exit hidden state before the iteration ends, so later tokens find a complete cache
   and a sequence's output never depends on its batch-mates.
 
-Confidence is computed from vocab-parallel logits with all-reduces (``max_prob``, ``top2_margin``),
-or by a small exit classifier on the replicated hidden state (``classifier``: no logits unless the
-row exits), so every tensor-parallel rank takes the same exit decision.
+The exit heads and the exit test (confidence measures, classifiers) are in
+:mod:`cluster.model.exit_heads`; their names are re-exported here.
 """
 from __future__ import annotations
 
@@ -22,182 +21,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
-from torch import nn
 
-from cluster.config import ExitConfig
-from cluster.distributed import all_gather_last_dim, all_reduce, tp_size
+from cluster.model.exit_heads import ExitClassifier, ExitHeads, TrainedExitHead, confidence_from_local_logits
 from cluster.model.layers.attention import AttentionMetadata
-from cluster.model.layers.norm import RMSNorm
 from cluster.model.layers.sampler import host_to_device
 from cluster.model.llama import LlamaForCausalLM
 
-
-def confidence_from_local_logits(local: torch.Tensor, measure: str) -> torch.Tensor:
-    """Confidence of vocab-parallel logits ``[n, V_local]`` -> ``[n]`` float32, same on all ranks.
-
-    ``max_prob``: max softmax probability; ``top2_margin``: top-1 minus top-2 probability
-    (both as in CALM, Schuster et al. 2022). Uses an all-reduce of the max and of the softmax
-    denominator (and an all-gather of each rank's top-2 for the margin).
-    """
-    # Ranks agree bit for bit: max is exact, and gloo/NCCL all-reduce hand every rank the same
-    # reduced bytes (each element is summed once, then broadcast), so ``conf >= threshold`` and with
-    # it the sequence of later collectives is identical on all ranks.
-    local = local.float()
-    m = all_reduce(local.max(dim=-1).values, op="max")
-    denom = all_reduce(torch.exp(local - m.unsqueeze(1)).sum(dim=-1))
-    if measure == "max_prob":
-        return 1.0 / denom
-    top2 = all_gather_last_dim(local.topk(2, dim=-1).values) if tp_size() > 1 else local.topk(2, dim=-1).values
-    t = top2.topk(2, dim=-1).values
-    return (torch.exp(t[:, 0] - m) - torch.exp(t[:, 1] - m)) / denom
-
-
-class TrainedExitHead(nn.Module):
-    """RMSNorm + low-rank residual adapter in front of the (tied) LM head (EE-LLM / Kangaroo style).
-
-    ``h: [n, hidden] -> h + up(down(norm(h)))`` then the shared final norm and LM head.
-    """
-
-    def __init__(self, hidden_size: int, rank: int, eps: float):
-        super().__init__()
-        self.norm = RMSNorm(hidden_size, eps)
-        self.down = nn.Linear(hidden_size, rank, bias=False)
-        self.up = nn.Linear(rank, hidden_size, bias=False)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.down(self.norm(h)))
-
-
-class ExitClassifier(nn.Module):
-    """Cheap exit confidence (CALM's "meta" measure): ``[n, hidden] -> [n]`` probability in [0, 1]
-    that the exit head's argmax equals the final layer's, from the hidden state alone.
-
-    RMSNorm -> Linear(hidden, width) -> SiLU -> Linear(width, 1) -> sigmoid: about ``hidden * width``
-    multiply-adds per row, versus ``hidden * vocab`` for one LM head. It holds no vocab-parallel
-    state: with tensor parallelism every rank computes it from the same (replicated) hidden state,
-    and :meth:`ExitHeads.check` all-reduces the resulting exit mask so the decision is shared.
-    """
-
-    def __init__(self, hidden_size: int, width: int, eps: float):
-        super().__init__()
-        self.norm = RMSNorm(hidden_size, eps)
-        self.fc1 = nn.Linear(hidden_size, width)
-        self.fc2 = nn.Linear(width, 1)
-
-    def logit(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1(self.norm(h)))).squeeze(-1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logit(h).float())
-
-
-def _load_prefixed(module: nn.Module, state: dict, prefix: str) -> nn.Module:
-    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    return module
-
-
-class ExitHeads(nn.Module):
-    """Maps an exit layer's hidden states to vocab-parallel logits and decides who exits.
-
-    ``shared``: final norm + LM head (LayerSkip). ``trained``: a :class:`TrainedExitHead` per exit
-    layer loaded from a safetensors file with keys ``exits.<layer>.{norm.weight,down.weight,up.weight}``;
-    with ``confidence='classifier'`` also an :class:`ExitClassifier` per exit layer from keys
-    ``exit_classifiers.<layer>.{norm.weight,fc1.weight,fc1.bias,fc2.weight,fc2.bias}``
-    (written by ``eeserve train-exits``).
-    """
-
-    def __init__(self, model: LlamaForCausalLM, cfg: ExitConfig):
-        super().__init__()
-        self.model = [model]  # not a submodule: its parameters belong to the model
-        self.cfg = cfg
-        self.heads = nn.ModuleDict()
-        self.classifiers = nn.ModuleDict()
-        p = next(model.parameters())
-        dtype, device = p.dtype, p.device  # heads live beside the model's weights
-        if cfg.head == "trained":
-            state = load_file(cfg.heads_path)
-            mc = model.config
-            for layer in cfg.exit_layers:
-                key = f"exits.{layer}.down.weight"
-                if key not in state:
-                    raise ValueError(f"heads_path {cfg.heads_path} has no head for exit layer {layer}")
-                with torch.device(device):
-                    head = TrainedExitHead(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
-                self.heads[str(layer)] = _load_prefixed(head, state, f"exits.{layer}.").to(dtype)
-                if cfg.confidence == "classifier":
-                    key = f"exit_classifiers.{layer}.fc1.weight"
-                    if key not in state:
-                        raise ValueError(f"heads_path {cfg.heads_path} has no exit classifier for layer {layer}")
-                    with torch.device(device):
-                        clf = ExitClassifier(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
-                    self.classifiers[str(layer)] = _load_prefixed(clf, state, f"exit_classifiers.{layer}.").to(dtype)
-        # per exit layer: the threshold that replaces the config's default threshold
-        self.layer_thresholds = {l: cfg.threshold_for(l) for l in cfg.exit_layers}
-        # FR-Spec reduced-vocabulary head for drafts (cluster.model.frspec), if the heads file has one
-        self.draft_head = None
-        if cfg.draft_vocab and cfg.heads_path:
-            from cluster.model.frspec import ReducedLMHead, load_draft_vocab
-
-            ids = load_draft_vocab(cfg.heads_path)
-            if ids is not None:
-                self.draft_head = ReducedLMHead.from_model(model, ids)
-
-    def draft_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` hidden states after ``layer`` layers -> ``[n, V]`` float32 logits of a draft:
-        the exit head, then the FR-Spec reduced head (-inf outside its vocabulary) if there is one,
-        else the full LM head."""
-        model = self.model[0]
-        if self.draft_head is None:
-            return model.lm_head.full_logits(self.local_logits(layer, h))
-        return self.draft_head.full_logits(model.model.norm(self.exit_state(layer, h)))
-
-    def local_logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` hidden states after ``layer`` layers -> ``[n, V_local]`` float32 logits."""
-        return self.model[0].final_local_logits(self.exit_state(layer, h))
-
-    def resolve_thresholds(self, layer: int, thresholds: torch.Tensor) -> torch.Tensor:
-        """``thresholds: [n]`` per-row thresholds, NaN meaning "the config's default" -> ``[n]`` with
-        NaN rows replaced by ``layer``'s threshold (calibrated per layer if ``layer_thresholds``)."""
-        return torch.where(torch.isnan(thresholds), self.layer_thresholds[layer], thresholds)
-
-    def exit_state(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` hidden states after ``layer`` layers -> the exit head's output, the input of
-        the shared final norm + LM head (``h`` itself for the shared head)."""
-        return self.heads[str(layer)](h) if str(layer) in self.heads else h
-
-    def check(self, layer: int, h: torch.Tensor,
-              thresholds: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Exit test at ``layer`` for ``h: [n, hidden]`` with per-row ``thresholds: [n]`` (NaN: default).
-
-        Returns ``(ok [n] bool, local logits [k, V_local] of the k rows that exit)`` for the softmax
-        measures, which need every row's logits to decide. The ``classifier`` measure computes no
-        logits at all and returns ``(ok, None)``: the caller keeps :meth:`exit_state` of the rows that
-        exit and runs the shared LM head once per iteration for all of them (one pass over its
-        ``vocab x hidden`` weights instead of one per exit layer). Its pass mask is all-reduced (min)
-        across tensor-parallel ranks, so every rank takes the same decision even if floating-point
-        results ever differed between ranks (one tiny collective per check).
-
-        Selecting the passing rows (``local[ok]``) reads ``ok`` on the host; the engine's
-        :func:`forward_with_exits` calls :meth:`decide` instead and selects with host-known indices.
-        """
-        ok, local = self.decide(layer, h, thresholds)
-        return ok, (None if local is None else local[ok])
-
-    def decide(self, layer: int, h: torch.Tensor,
-               thresholds: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """:meth:`check` without the selection: ``(ok [n] bool, local logits [n, V_local] of every row
-        or None for the classifier)``, all on ``h``'s device; no host sync (collectives take device
-        tensors, the exit-mask all-reduce included)."""
-        thr = self.resolve_thresholds(layer, thresholds)
-        if self.cfg.confidence == "classifier":
-            ok = self.classifiers[str(layer)](h) >= thr
-            if tp_size() > 1:
-                ok = all_reduce(ok.to(torch.int32), op="min").bool()
-            return ok, None
-        local = self.local_logits(layer, h)
-        return confidence_from_local_logits(local, self.cfg.confidence) >= thr, local
+__all__ = ["ExitBatch", "ExitClassifier", "ExitHeads", "ExitResult", "Join", "TrainedExitHead",
+           "confidence_from_local_logits", "forward_with_exits"]
 
 
 @dataclass
@@ -284,123 +115,180 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     Returns:
         :class:`ExitResult` for ``batch.sample_rows``; ``num_checks`` is the number of exit checks made.
     """
-    layers = model.model.layers
-    L = len(layers)
-    dev = input_ids.device
-    T = input_ids.shape[0]
-    rows = batch.rows()  # host: token index of each sample row
-    S = len(rows)
-    exit_at = set(heads.cfg.exit_layers) if heads is not None else set()
-    per_sequence = heads is not None and heads.cfg.policy == "per_sequence"
-    # rows joining later are never eligible (ExitBatch) and never exit, so ``stopped`` stays False
-    h = model.model.embed_tokens(input_ids)
-    # host bookkeeping: sample rows still allowed to exit (ascending) and their device index
-    pending = [j for j, e in enumerate(batch.eligible_list()) if e] if exit_at else []
-    pending_dev = batch.eligible_rows if pending else None
-    if pending and pending_dev is None:
-        pending_dev = host_to_device(pending, torch.long, dev)
-    exited_tokens: set[int] = set()  # tokens whose hidden state is frozen at their exit
-    exited_mask = None  # [T, 1] bool on the device (paper policy: rows kept by torch.where)
-    exits: list[tuple[int, list[int]]] = []  # (depth, rows) per exit layer where rows exited
-    row_exit = logits = states = None  # allocated at the first exit
-    deferred: list[int] = []  # rows whose logits wait for the one LM-head pass at the end
-    compute_rows, compute_meta = None, None  # None: compute all rows
-    stopped = False  # every token exited: the remaining layers only fill K/V
-    num_checks = 0
-    joins = batch.joins  # shallowest first
-    waiting = sum(j.num_rows for j in joins)  # rows [0, waiting) have not joined yet
-    if joins and meta.num_decodes:  # the shared decode mask, built once before the suffix views
-        meta.decode_mask(kv_caches[0].shape[2])
-    stage = 0
-    hidden = None  # [S, hidden] raw hidden state at each exit
-    for i, layer in enumerate(layers):
-        while stage < len(joins) and joins[stage].depth == i:  # rows join with their kept states
-            jn = joins[stage]
-            h = torch.cat([h[:jn.start], jn.states, h[jn.start + jn.num_rows:]])
-            waiting -= jn.num_rows
-            stage += 1
-        if stopped:
-            layer.fill_kv(h, positions, meta.slot_mapping, kv_caches[i])
-            continue
-        if waiting == T:  # nothing runs at this layer: every row joins deeper
-            continue
-        if waiting:  # only the suffix runs; rows that never exit lead, so shifted indices stay valid
-            u = waiting
-            hs = h[u:]
-            cr = None if compute_rows is None else compute_rows[u:] - u
-            out = layer(hs, positions[u:], meta.suffix(u), kv_caches[i], cr,
-                        None if compute_meta is None else compute_meta.suffix(u))
-            if cr is not None:
-                hs = hs.index_copy(0, cr, out)
-            else:
-                hs = torch.where(exited_mask[u:], hs, out) if exited_mask is not None else out
-            h = torch.cat([h[:u], hs])
-        else:
-            out = layer(h, positions, meta, kv_caches[i], compute_rows, compute_meta)
-            if compute_rows is not None:
-                h = h.index_copy(0, compute_rows, out)
-            else:
-                h = torch.where(exited_mask, h, out) if exited_mask is not None else out
-        depth = i + 1
-        if depth not in exit_at or not pending:
-            continue
-        ok, local = heads.decide(depth, h.index_select(0, batch.sample_rows.index_select(0, pending_dev)),
-                                 batch.thresholds.index_select(0, pending_dev))
-        num_checks += 1
+    run = _ExitPass(model, heads, input_ids, positions, meta, kv_caches, batch)
+    for i, layer in enumerate(model.model.layers):
+        run.join_rows(i)
+        if run.stopped:  # every token exited: the remaining layers only fill K/V
+            layer.fill_kv(run.h, positions, meta.slot_mapping, kv_caches[i])
+        elif run.waiting < run.T:  # else nothing runs at this layer: every row joins deeper
+            run.run_layer(layer, kv_caches[i])
+            if i + 1 in run.exit_at and run.pending:
+                run.exit_test(i + 1)
+    return run.result()
+
+
+@dataclass
+class _Running:
+    """Which rows a layer computes: every row (all None); the rows ``rows`` with their metadata
+    (``per_sequence`` policy once rows exited; the exited rows' K/V are filled from their frozen
+    states); or every row with the exited rows' states kept (``paper`` policy: ``exited``)."""
+
+    rows: Optional[torch.Tensor] = None  # [C] long token indices computed
+    meta: Optional[AttentionMetadata] = None  # the metadata of ``rows``
+    exited: Optional[torch.Tensor] = None  # [T, 1] bool: token exited, its hidden state is frozen
+
+    def suffix(self, start: int) -> "_Running":
+        """The same for tokens ``start ..`` (the rows before ``start`` never exit: they lead ``rows``)."""
+        if not start:
+            return self
+        return _Running(None if self.rows is None else self.rows[start:] - start,
+                        None if self.meta is None else self.meta.suffix(start),
+                        None if self.exited is None else self.exited[start:])
+
+    def merge(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The hidden states after a layer: ``out`` where rows ran, ``h`` where they are frozen."""
+        if self.rows is not None:
+            return h.index_copy(0, self.rows, out)
+        return torch.where(self.exited, h, out) if self.exited is not None else out
+
+
+class _ExitPass:
+    """The state of one :func:`forward_with_exits` call and its steps: rows joining, a layer's run,
+    the exit test at an exit layer, the policy's bookkeeping, the exit outputs and the result.
+
+    Host bookkeeping: ``pending`` (sample rows still allowed to exit, ascending; ``pending_dev`` their
+    device index), ``exited_tokens`` (tokens whose hidden state is frozen at their exit), ``waiting``
+    (rows ``[0, waiting)`` have not joined yet). Exit outputs (allocated at the first exit):
+    ``row_exit [S]``, ``logits [S, V]``, ``states [S, hidden]`` (exit-head outputs whose logits wait
+    for the one LM-head pass at the end: ``deferred``), ``hidden [S, hidden]`` (raw state at exit).
+    """
+
+    def __init__(self, model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids: torch.Tensor,
+                 positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor], batch: ExitBatch):
+        self.model, self.heads, self.positions, self.meta, self.batch = model, heads, positions, meta, batch
+        self.L = len(model.model.layers)
+        self.dev = input_ids.device
+        self.T = input_ids.shape[0]
+        self.rows = batch.rows()  # host: token index of each sample row
+        self.S = len(self.rows)
+        self.exit_at = set(heads.cfg.exit_layers) if heads is not None else set()
+        self.per_sequence = heads is not None and heads.cfg.policy == "per_sequence"
+        # rows joining later are never eligible (ExitBatch) and never exit, so ``stopped`` stays False
+        self.h = model.model.embed_tokens(input_ids)
+        self.pending = [j for j, e in enumerate(batch.eligible_list()) if e] if self.exit_at else []
+        self.pending_dev = batch.eligible_rows if self.pending else None
+        if self.pending and self.pending_dev is None:
+            self.pending_dev = host_to_device(self.pending, torch.long, self.dev)
+        self.exited_tokens: set[int] = set()
+        self.exited_rows: list[int] = []  # sample rows that exited, in exit order
+        self.running = _Running()
+        self.row_exit = self.logits = self.states = self.hidden = None
+        self.deferred: list[int] = []
+        self.stopped = False
+        self.num_checks = 0
+        self.joins, self.stage = batch.joins, 0  # shallowest first
+        self.waiting = sum(j.num_rows for j in self.joins)
+        if self.joins and meta.num_decodes:  # the shared decode mask, built once before the suffix views
+            meta.decode_mask(kv_caches[0].shape[2])
+
+    def join_rows(self, i: int) -> None:
+        """Rows whose first ``i`` layers ran join with their kept states before layer ``i + 1``."""
+        while self.stage < len(self.joins) and self.joins[self.stage].depth == i:
+            jn = self.joins[self.stage]
+            self.h = torch.cat([self.h[:jn.start], jn.states, self.h[jn.start + jn.num_rows:]])
+            self.waiting -= jn.num_rows
+            self.stage += 1
+
+    def run_layer(self, layer, kv_cache: torch.Tensor) -> None:
+        """One decoder layer over the rows that have joined (a suffix of the batch: rows that never
+        exit lead, so shifted indices stay valid), per :class:`_Running`."""
+        u = self.waiting
+        h, running = (self.h[u:], self.running.suffix(u)) if u else (self.h, self.running)
+        out = layer(h, self.positions[u:] if u else self.positions, self.meta.suffix(u), kv_cache,
+                    running.rows, running.meta)
+        h = running.merge(h, out)
+        self.h = torch.cat([self.h[:u], h]) if u else h
+
+    def exit_test(self, depth: int) -> None:
+        """The exit test of the pending rows at exit layer ``depth``: one device->host read of the
+        pass mask; the rows that pass exit here (:meth:`_exit`)."""
+        b = self.batch
+        ok, local = self.heads.decide(depth, self.h.index_select(0, b.sample_rows.index_select(0, self.pending_dev)),
+                                      b.thresholds.index_select(0, self.pending_dev))
+        self.num_checks += 1
         passed = ok.tolist()  # the one device->host sync of this exit layer
         pos = [k for k, p in enumerate(passed) if p]
-        if not pos:
-            continue
-        done = [pending[k] for k in pos]
-        pending = [pending[k] for k, p in enumerate(passed) if not p]
-        exited_tokens.update(rows[j] for j in done)
-        stopped = len(exited_tokens) == T
-        remaining = [] if (stopped or not per_sequence) else [t for t in range(T) if t not in exited_tokens]
+        if pos:
+            self._exit(depth, pos, passed, local)
+
+    def _exit(self, depth: int, pos: list[int], passed: list[bool], local: Optional[torch.Tensor]) -> None:
+        """Rows at positions ``pos`` of the check exit at ``depth``: host bookkeeping, one
+        host->device copy of the indices, the exit outputs, then the policy's (:meth:`_leave`)."""
+        done = [self.pending[k] for k in pos]
+        self.pending = [self.pending[k] for k, p in enumerate(passed) if not p]
+        self.exited_tokens.update(self.rows[j] for j in done)
+        self.stopped = len(self.exited_tokens) == self.T
+        remaining = ([] if (self.stopped or not self.per_sequence)
+                     else [t for t in range(self.T) if t not in self.exited_tokens])
         # one host->device copy: positions in the check, rows, their tokens, still pending, computing
-        parts = (pos, done, [rows[j] for j in done], pending, remaining)
-        idx = host_to_device([x for part in parts for x in part], torch.long, dev).split([len(p) for p in parts])
-        pos_dev, done_dev, done_tok_dev, pending_dev, remaining_dev = idx
-        if row_exit is None:
-            row_exit = torch.full((S,), L, dtype=torch.long, device=dev)
-            logits = torch.empty(S, model.config.vocab_size, dtype=torch.float32, device=dev)
-            states = h.new_empty(S, h.shape[1])
-            hidden = h.new_empty(S, h.shape[1])
-        hidden.index_copy_(0, done_dev, h.index_select(0, done_tok_dev))
-        if local is None:  # cheap measure: logits later, in one LM-head pass with the other rows
-            states.index_copy_(0, done_dev, heads.exit_state(depth, h.index_select(0, done_tok_dev)))
-            deferred += done
+        parts = (pos, done, [self.rows[j] for j in done], self.pending, remaining)
+        idx = host_to_device([x for part in parts for x in part], torch.long, self.dev).split([len(p) for p in parts])
+        pos_dev, done_dev, done_tok_dev, self.pending_dev, remaining_dev = idx
+        self._record(depth, done, done_dev, done_tok_dev, None if local is None else local.index_select(0, pos_dev))
+        if not self.stopped:
+            self._leave(done_tok_dev, remaining, remaining_dev)
+
+    def _record(self, depth: int, done: list[int], done_dev: torch.Tensor, done_tok_dev: torch.Tensor,
+                local: Optional[torch.Tensor]) -> None:
+        """The exit outputs of sample rows ``done`` (``local``: their local logits, None for the
+        classifier measure, whose logits wait for the LM-head pass of :meth:`result`)."""
+        h = self.h
+        if self.row_exit is None:
+            self.row_exit = torch.full((self.S,), self.L, dtype=torch.long, device=self.dev)
+            self.logits = torch.empty(self.S, self.model.config.vocab_size, dtype=torch.float32, device=self.dev)
+            self.states = h.new_empty(self.S, h.shape[1])
+            self.hidden = h.new_empty(self.S, h.shape[1])
+        exited_h = h.index_select(0, done_tok_dev)
+        self.hidden.index_copy_(0, done_dev, exited_h)
+        if local is None:
+            self.states.index_copy_(0, done_dev, self.heads.exit_state(depth, exited_h))
+            self.deferred += done
         else:
-            logits.index_copy_(0, done_dev, heads.model[0].lm_head.full_logits(local.index_select(0, pos_dev)))
-        row_exit.index_fill_(0, done_dev, depth)
-        exits.append((depth, done))
-        if stopped:
-            continue
-        if per_sequence:
-            compute_rows = remaining_dev
-            num_dec = sum(1 for t in remaining if t < meta.num_decodes)
-            compute_meta = meta.select_decodes(compute_rows, num_dec)
+            self.logits.index_copy_(0, done_dev, self.model.lm_head.full_logits(local))
+        self.row_exit.index_fill_(0, done_dev, depth)
+        self.exited_rows += done
+
+    def _leave(self, done_tok_dev: torch.Tensor, remaining: list[int], remaining_dev: torch.Tensor) -> None:
+        """The policy: ``per_sequence`` computes only the ``remaining`` tokens from now on;
+        ``paper`` computes every row but keeps the exited rows' states."""
+        if self.per_sequence:
+            num_dec = sum(1 for t in remaining if t < self.meta.num_decodes)
+            self.running = _Running(rows=remaining_dev, meta=self.meta.select_decodes(remaining_dev, num_dec))
         else:
-            if exited_mask is None:
-                exited_mask = torch.zeros(T, 1, dtype=torch.bool, device=dev)
-            exited_mask.index_fill_(0, done_tok_dev, True)
-    if row_exit is None:  # nobody exited: every row's logits from the last layer, in one pass
-        if S == 0:  # a middle prefill chunk: nothing to sample
-            return ExitResult(logits=h.new_empty(0, model.config.vocab_size, dtype=torch.float32),
-                              exit_layers=torch.empty(0, dtype=torch.long, device=dev))
-        sample_h = h.index_select(0, batch.sample_rows)
-        logits = model.lm_head.full_logits(model.final_local_logits(sample_h))
-        return ExitResult(logits=logits, exit_layers=torch.full((S,), L, dtype=torch.long, device=dev),
-                          num_checks=num_checks)
-    exited_rows = {j for _, done in exits for j in done}
-    final = [j for j in range(S) if j not in exited_rows]
-    deferred = sorted(deferred + final)
-    if deferred:
-        parts = (final, [rows[j] for j in final], deferred)
-        final_dev, final_tok_dev, deferred_dev = host_to_device(
-            [x for part in parts for x in part], torch.long, dev).split([len(p) for p in parts])
-        if final:
-            states.index_copy_(0, final_dev, h.index_select(0, final_tok_dev))
-        logits.index_copy_(0, deferred_dev, model.lm_head.full_logits(
-            model.final_local_logits(states.index_select(0, deferred_dev))))
-    return ExitResult(logits=logits, exit_layers=row_exit, num_checks=num_checks, exited_rows=sorted(exited_rows),
-                      hidden=hidden)
+            if self.running.exited is None:
+                self.running = _Running(exited=torch.zeros(self.T, 1, dtype=torch.bool, device=self.dev))
+            self.running.exited.index_fill_(0, done_tok_dev, True)
+
+    def result(self) -> ExitResult:
+        """Logits of the rows that did not exit (and the deferred exits) in one LM-head pass."""
+        model, S, dev, h = self.model, self.S, self.dev, self.h
+        if self.row_exit is None:  # nobody exited: every row's logits from the last layer, in one pass
+            if S == 0:  # a middle prefill chunk: nothing to sample
+                return ExitResult(logits=h.new_empty(0, model.config.vocab_size, dtype=torch.float32),
+                                  exit_layers=torch.empty(0, dtype=torch.long, device=dev))
+            logits = model.lm_head.full_logits(model.final_local_logits(h.index_select(0, self.batch.sample_rows)))
+            return ExitResult(logits=logits, exit_layers=torch.full((S,), self.L, dtype=torch.long, device=dev),
+                              num_checks=self.num_checks)
+        exited = set(self.exited_rows)
+        final = [j for j in range(S) if j not in exited]
+        deferred = sorted(self.deferred + final)
+        if deferred:
+            parts = (final, [self.rows[j] for j in final], deferred)
+            final_dev, final_tok_dev, deferred_dev = host_to_device(
+                [x for part in parts for x in part], torch.long, dev).split([len(p) for p in parts])
+            if final:
+                self.states.index_copy_(0, final_dev, h.index_select(0, final_tok_dev))
+            self.logits.index_copy_(0, deferred_dev, model.lm_head.full_logits(
+                model.final_local_logits(self.states.index_select(0, deferred_dev))))
+        return ExitResult(logits=self.logits, exit_layers=self.row_exit, num_checks=self.num_checks,
+                          exited_rows=sorted(exited), hidden=self.hidden)

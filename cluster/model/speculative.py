@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from cluster.model.exits import ExitHeads
+from cluster.model.exit_heads import ExitHeads
 from cluster.model.layers.attention import AttentionMetadata
 from cluster.model.layers.sampler import host_to_device
 from cluster.model.llama import LlamaForCausalLM

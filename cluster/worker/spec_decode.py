@@ -14,52 +14,48 @@ One iteration of a request scheduled with ``num_draft_tokens = k > 0`` (see
 """
 from __future__ import annotations
 
-from array import array
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
 from cluster.core.outputs import ScheduledRequest
 from cluster.distributed import broadcast_from_driver
-from cluster.model.layers.attention import AttentionMetadata
+from cluster.model.exit_heads import ExitHeads
 from cluster.model.layers.sampler import host_to_device, process_logits
+from cluster.model.llama import LlamaForCausalLM
 from cluster.model.speculative import accept_greedy, accept_sampled, draft_forward
-
-if TYPE_CHECKING:
-    from cluster.worker.model_runner import ModelRunner
-
-
-@dataclass
-class RowState:
-    """The rows one request brings to a forward: its last sampled token, then its drafts.
-
-    ``depths[j]`` layers of row ``j`` already ran (its K/V of those layers are in the cache and
-    ``hidden[j]`` is its hidden state there; 0 and None: the row starts at layer 1).
-    """
-
-    drafts: list[int] = field(default_factory=list)
-    depths: list[int] = field(default_factory=list)
-    hidden: list[Optional[torch.Tensor]] = field(default_factory=list)  # per row: [hidden] or None
-    draft_layers: list[int] = field(default_factory=list)  # exit layer that made each draft
-    q: list[Optional[torch.Tensor]] = field(default_factory=list)  # per draft: [V] draft probs (sampled rows)
-
-    def tokens(self, sr: ScheduledRequest) -> list[int]:
-        return list(sr.token_ids) + self.drafts
+from cluster.worker.input_batch import HostBatch, InputPacker, RowState
+from cluster.worker.sampling_states import SamplingStates
 
 
 class SpecDecoder:
-    """Drafting and acceptance for one :class:`~cluster.worker.model_runner.ModelRunner`."""
+    """Drafting and acceptance on one rank, beside the model runner.
 
-    def __init__(self, runner: "ModelRunner"):
-        self.runner = runner
+    Args:
+        model, heads: the rank's model and its exit heads (None: no exit layers; ``verified`` drafting raises).
+        kv_caches: the rank's per-layer KV caches ``[2, num_blocks, block_size, KVH_local, d]``: the
+            runner's list, which it refills in place when the cache is (re)allocated.
+        packer: the runner's :class:`~cluster.worker.input_batch.InputPacker` (block size, device).
+        num_layers: decoder layers of the model (the exit layer of the full model's own token).
+        sampling_states: the driver rank's per-request sampling state (seeded generators).
+        is_driver: rank 0, which draws sampled drafts and accepts (its draws are broadcast).
+    """
+
+    def __init__(self, model: LlamaForCausalLM, heads: Optional[ExitHeads], kv_caches: list[torch.Tensor],
+                 packer: InputPacker, num_layers: int, sampling_states: SamplingStates, is_driver: bool):
+        self.model = model
+        self.heads = heads
+        self.kv_caches = kv_caches
+        self.packer = packer
+        self.num_layers = num_layers
+        self.sampling_states = sampling_states
+        self.is_driver = is_driver
 
     # ------------------------------------------------------------------------------- drafting
     def draft(self, srs: list[ScheduledRequest]) -> dict[str, RowState]:
         """Draft for ``srs`` (each with ``num_draft_tokens > 0`` and a ``spec``); returns each request's
         :class:`RowState` (``len(drafts) + 1`` rows). Writes the drafts' K/V of the layers they ran."""
-        r = self.runner
-        heads, bs = r.heads, r.block_size
+        heads = self.heads
         last_exit = max(heads.cfg.exit_layers) if heads is not None else 0
         st = {sr.request_id: RowState() for sr in srs}
         cur = {sr.request_id: sr.token_ids[0] for sr in srs}
@@ -71,26 +67,19 @@ class SpecDecoder:
             if not max(stop):  # ``verified`` without exit layers cannot draft (the config forbids it)
                 raise RuntimeError("verified drafting needs exit layers")
             # rows: the live requests' pending rows (earlier rows below the deepest depth a pass can
-            # reach), then each live request's newest row
+            # reach), then each live request's newest row (the only rows with a token id)
             pend = [(q, j) for q, sr in enumerate(live) for j, dep in enumerate(st[sr.request_id].depths)
                     if dep < stop[q]]
-            row_sr = [live[q] for q, _ in pend] + live
-            pos = [live[q].start_position + j for q, j in pend] + [sr.start_position + t for sr in live]
-            R = len(pos)
-            width = max(len(sr.block_table) for sr in live)
-            buf = [cur[sr.request_id] for sr in live] + pos
-            buf += [sr.block_table[p // bs] * bs + p % bs for sr, p in zip(row_sr, pos)]
-            for sr in row_sr:
-                buf += sr.block_table + [0] * (width - len(sr.block_table))
-            buf += [p + 1 for p in pos]
-            thr = [float("nan") if sr.exit_threshold is None else float(sr.exit_threshold) for sr in live]
-            buf += array("q", array("d", thr).tobytes())
-            ids, positions, slots, bt, lens, thr_bits = host_to_device(buf, torch.long, r.device).split(
-                [n, R, R, R * width, R, n])
-            meta = AttentionMetadata(slots, R, bt.view(R, width), lens)
+            host = HostBatch(ids=[cur[sr.request_id] for sr in live])
+            for q, j in pend:
+                host.decode_row(live[q].block_table, live[q].start_position + j)
+            for sr in live:
+                host.decode_row(sr.block_table, sr.start_position + t)
+                host.threshold(sr.exit_threshold)
+            dev = self.packer.pack(host)
             pstates = torch.stack([st[live[q].request_id].hidden[j] for q, j in pend]) if pend else None
-            res = draft_forward(r.model, heads, ids, positions, meta, r.kv_caches, forced,
-                                thr_bits.view(torch.float64).to(torch.float32), stop,
+            res = draft_forward(self.model, heads, dev.input_ids, dev.positions, dev.attention_metadata(),
+                                self.kv_caches, forced, dev.thresholds, stop,
                                 [q for q, _ in pend], [st[live[q].request_id].depths[j] for q, j in pend], pstates)
             for k, (q, j) in enumerate(pend):  # pending rows that ran in this pass advanced
                 rs = st[live[q].request_id]
@@ -125,7 +114,6 @@ class SpecDecoder:
         the others (rank 0 draws; the tokens are broadcast). Returns ``{row: token}, {row: q or None}``."""
         if not rows:
             return {}, {}
-        r = self.runner
         dev = logits.device
         sel = logits.index_select(0, host_to_device(rows, torch.long, dev))
         params = [sr.sampling_params for sr in srs]
@@ -133,8 +121,8 @@ class SpecDecoder:
                            eos_token_ids=[sr.eos_token_ids for sr in srs])
         tok = x.argmax(dim=-1)
         qs: dict[int, Optional[torch.Tensor]] = {k: None for k in rows}
-        if r.is_driver:
-            states = r.sampling_states
+        if self.is_driver:
+            states = self.sampling_states
             for j, sr in enumerate(srs):
                 if sr.sampling_params.greedy:
                     continue
@@ -155,8 +143,7 @@ class SpecDecoder:
         keep their draft's exit layer, the full model's own token has ``num_layers``. A request whose
         acceptance raises fails alone.
         """
-        r = self.runner
-        L = r.model_config.num_layers
+        L = self.num_layers
         dev = logits.device
         tokens: dict[str, list[int]] = {}
         failed: dict[str, str] = {}
@@ -191,7 +178,7 @@ class SpecDecoder:
                                    eos_token_ids=[sr.eos_token_ids] * (m + 1))
                 p = torch.softmax(x, dim=-1)
                 q = torch.stack(rs.q) if m else p[:0]
-                gen = r.sampling_states.generator(rid, sr.sampling_params.seed, dev)
+                gen = self.sampling_states.generator(rid, sr.sampling_params.seed, dev)
                 tokens[rid] = accept_sampled(p, q, rs.drafts, gen)
             except Exception as e:  # noqa: BLE001 - this request alone fails
                 failed[rid] = f"speculative sampling failed: {type(e).__name__}: {e}"
