@@ -4,7 +4,7 @@ import pytest
 
 from cluster.request import ExitPlan
 from cluster.core.draft_control import DraftLengthController
-from cluster.core.outputs import ModelRunnerOutput
+from cluster.core.outputs import ModelRunnerOutput, SampledTokens
 from tests.test_scheduler import BS, make_req, make_sched
 
 pytestmark = pytest.mark.timeout(60)
@@ -26,12 +26,9 @@ def run(s, accept):
         assert len(sr.block_table) * BS >= sr.start_position + 1 + k  # slots for the drafts reserved
         if k:
             a = accept(req, k)
-            ro.spec_token_ids[sr.request_id] = [500 + i for i in range(a + 1)]
-            ro.spec_exit_layers[sr.request_id] = [2] * a + [6]
-            ro.num_drafts[sr.request_id] = k
+            ro.tokens[sr.request_id] = SampledTokens([500 + i for i in range(a + 1)], [2] * a + [6], num_drafts=k)
         elif sr.sample:
-            ro.sampled_token_ids[sr.request_id] = 400
-            ro.exit_layers[sr.request_id] = 6
+            ro.tokens[sr.request_id] = SampledTokens([400], [6])
     s.update(out, ro)
     return out
 
@@ -115,7 +112,7 @@ def test_drafts_never_pass_max_tokens_and_stop_mid_run():
     s2.add_request(r2)
     run(s2, lambda r, k: 0)
     out = s2.schedule()
-    ro = ModelRunnerOutput(spec_token_ids={"e": [501, 2, 503]}, spec_exit_layers={"e": [2, 2, 6]}, num_drafts={"e": 4})
+    ro = ModelRunnerOutput(tokens={"e": SampledTokens([501, 2, 503], [2, 2, 6], num_drafts=4)})
     s2.update(out, ro)
     assert r2.output_token_ids[-2:] == [501, 2] and r2.finish_reason == "stop"  # tokens after EOS dropped
     s2.block_manager.check_integrity()

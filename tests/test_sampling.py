@@ -454,28 +454,28 @@ def test_runner_keeps_history_until_finished_and_reports_failures():
     pen = SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0, logprobs=2)
     # first chunk: prompt sent, nothing sampled yet
     ro = runner.execute_model(SchedulerOutput([scheduled("a", pen, sample=False, prompt=[4, 5])]))
-    assert ro.sampled_token_ids == {}
+    assert ro.tokens == {}
     logits = torch.zeros(1, V)
     logits[0, 4], logits[0, 5], logits[0, 6] = 1.8, 1.7, 1.0
     runner.logits = logits
     ro = runner.execute_model(SchedulerOutput([scheduled("a", pen)]))
     # prompt tokens 4, 5 get the repetition penalty: 1.8 / 2, 1.7 / 2 < 1.0 -> token 6
-    assert ro.sampled_token_ids == {"a": 6} and ro.exit_layers == {"a": 3} and ro.failed == {}
-    lp, top = ro.logprobs["a"]
+    assert {r: (t.token_ids, t.exit_layers) for r, t in ro.tokens.items()} == {"a": ([6], [3])} and ro.failed == {}
+    lp, top = ro.tokens["a"].logprob
     ref = torch.log_softmax(logits[0].double(), -1)
     assert lp == pytest.approx(ref[6].item(), abs=1e-6) and [t for t, _ in top] == [4, 5]
     # the runner counted token 6: repetition 2 and frequency penalty 1 -> 1.0 / 2 - 1 < 0; token 4 (0.9) wins
-    assert runner.execute_model(SchedulerOutput([scheduled("a", pen)])).sampled_token_ids == {"a": 4}
+    assert runner.execute_model(SchedulerOutput([scheduled("a", pen)])).tokens["a"].token_ids == [4]
     states = runner.sampling_states
     assert states.counts[states.slots["a"]].tolist()[4:7] == [1, 0, 1]
     # preemption keeps the state (no finished id); a penalty request without history fails alone
     runner.logits = torch.zeros(2, V)
     ro = runner.execute_model(SchedulerOutput([scheduled("a", pen), scheduled("b", pen)]))
-    assert set(ro.sampled_token_ids) == {"a"} and list(ro.failed) == ["b"] and "history" in ro.failed["b"]
-    assert set(ro.logprobs) == {"a"} and set(ro.exit_layers) == {"a"}
+    assert set(ro.tokens) == {"a"} and list(ro.failed) == ["b"] and "history" in ro.failed["b"]
+    assert ro.tokens["a"].logprob is not None and ro.tokens["a"].exit_layers == [3]
     assert states.counts[states.slots["a"]].sum() == 3
     # finished: state dropped even on an empty iteration
-    assert runner.execute_model(SchedulerOutput([], finished_req_ids=["a"])).sampled_token_ids == {}
+    assert runner.execute_model(SchedulerOutput([], finished_req_ids=["a"])).tokens == {}
     assert "a" not in states.slots
 
 
@@ -489,9 +489,9 @@ def test_runner_seeded_generator_and_min_tokens():
     runner.logits = logits
     p = SamplingParams(temperature=1.0, seed=2**64 + 5, min_tokens=2, max_tokens=5)
     ro = runner.execute_model(SchedulerOutput([scheduled("s", p, nout=1, eos=(EOS,))]))
-    assert ro.sampled_token_ids["s"] != EOS
+    assert ro.tokens["s"].token_ids != [EOS]
     ro = runner.execute_model(SchedulerOutput([scheduled("s", p, nout=2, eos=(EOS,))]))
-    assert ro.sampled_token_ids == {"s": EOS}
+    assert ro.tokens["s"].token_ids == [EOS]
     assert runner.sampling_states.generators["s"].initial_seed() == 5
     runner.execute_model(SchedulerOutput([], finished_req_ids=["s"]))
     assert "s" not in runner.sampling_states.generators
@@ -500,7 +500,7 @@ def test_runner_seeded_generator_and_min_tokens():
 # ------------------------------------------------------------------------------ scheduler plumbing
 def test_scheduler_sends_prompt_once_and_min_tokens_blocks_stop():
     from cluster.config import CacheConfig, SchedulerConfig
-    from cluster.core.outputs import ModelRunnerOutput
+    from cluster.core.outputs import ModelRunnerOutput, SampledTokens
     from cluster.core.scheduler import Scheduler
     from cluster.request import Request
 
@@ -518,7 +518,7 @@ def test_scheduler_sends_prompt_once_and_min_tokens_blocks_stop():
             assert sr.eos_token_ids == (2,)
             assert sr.num_output_tokens == s.get_request(sr.request_id).num_output_tokens
             if sr.sample:
-                ro.sampled_token_ids[sr.request_id] = 2  # always EOS
+                ro.tokens[sr.request_id] = SampledTokens([2], [0])  # always EOS
         for req in s.update(so, ro):
             outputs.append((req.request_id, req.num_output_tokens, req.finish_reason))
     assert [x for x in sent if x[1] is not None] == [("p", list(range(10, 20)))]  # once, penalties only

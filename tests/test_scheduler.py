@@ -2,7 +2,7 @@
 import pytest
 
 from cluster.config import CacheConfig, SchedulerConfig
-from cluster.core.outputs import ModelRunnerOutput
+from cluster.core.outputs import ModelRunnerOutput, SampledTokens
 from cluster.core.scheduler import Scheduler
 from cluster.request import Request, RequestStatus
 from cluster.sampling import SamplingParams
@@ -55,8 +55,8 @@ def step(s, token_fn=None):
         assert sr.sample == (end == req.num_tokens)
         if sr.sample:
             pos = req.num_tokens
-            ro.sampled_token_ids[sr.request_id] = token_fn(req) if token_fn else fake_token(req.request_id, pos)
-            ro.exit_layers[sr.request_id] = 3
+            token = token_fn(req) if token_fn else fake_token(req.request_id, pos)
+            ro.tokens[sr.request_id] = SampledTokens([token], [3])
     done = s.update(out, ro)
     s.block_manager.check_integrity()
     return out, done
@@ -228,7 +228,7 @@ def test_abort_between_schedule_and_update_is_skipped():
     s.add_request(b)
     out = s.schedule()
     s.finish_requests("a", RequestStatus.FINISHED_ABORTED)
-    ro = ModelRunnerOutput(sampled_token_ids={"a": 7, "b": 8}, exit_layers={"a": 1, "b": 1})
+    ro = ModelRunnerOutput(tokens={"a": SampledTokens([7], [1]), "b": SampledTokens([8], [1])})
     done = s.update(out, ro)
     assert done == [b] and a.num_output_tokens == 0 and a.finish_reason == "abort"
     s.block_manager.check_integrity()

@@ -72,23 +72,27 @@ class SchedulerOutput:
 
 
 @dataclass
+class SampledTokens:
+    """One request's new tokens of an iteration: the one sampled token, or a lossless mode's verified
+    tokens (its accepted drafts, then the full model's own token)."""
+
+    token_ids: list[int]
+    # per token: the exit layer (1-based count of decoder layers run; num_layers for the full model)
+    exit_layers: list[int]
+    # lossless modes: drafts proposed this iteration (0 otherwise)
+    num_drafts: int = 0
+    # requests with sampling_params.logprobs = k: (the sampled token's logprob, [(token id, logprob)] k
+    # most likely first), the log-softmax of the raw logits at the exit layer
+    logprob: Optional[tuple[float, list[tuple[int, float]]]] = None
+
+
+@dataclass
 class ModelRunnerOutput:
-    """Rank 0's result of one iteration: one sampled token per request with ``sample=True``, except
+    """Rank 0's result of one iteration: new tokens for every request with ``sample=True``, except
     the requests in ``failed``."""
 
-    # request_id -> sampled token id
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    # request_id -> exit layer (1-based count of decoder layers run; num_layers for the full model)
-    exit_layers: dict[str, int] = field(default_factory=dict)
-    # request_id -> (sampled token's logprob, [(token id, logprob)] k most likely first), for
-    # requests with sampling_params.logprobs = k set; log-softmax of the raw logits at the exit layer
-    logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
+    # request_id -> its new tokens
+    tokens: dict[str, SampledTokens] = field(default_factory=dict)
     # request_id -> error message: sampling failed for this request alone; it got no token (the
-    # engine finishes it with an error)
+    # scheduler finishes it with an error)
     failed: dict[str, str] = field(default_factory=dict)
-    # lossless early exit (requests scheduled with num_draft_tokens > 0, instead of sampled_token_ids):
-    # the verified tokens of this iteration (accepted drafts, then the full model's own token), their
-    # exit layers (a draft's exit layer; num_layers for the full model's token), and drafts proposed
-    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    spec_exit_layers: dict[str, list[int]] = field(default_factory=dict)
-    num_drafts: dict[str, int] = field(default_factory=dict)

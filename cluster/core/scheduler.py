@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Union
 from cluster.config import CacheConfig, SchedulerConfig
 from cluster.core.block_manager import BlockManager
 from cluster.core.draft_control import DraftLengthController
-from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from cluster.core.outputs import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from cluster.request import Request, RequestStatus
 
 
@@ -205,21 +205,15 @@ class Scheduler:
                 any_finished = True
                 out.append(req)
                 continue
-            spec = runner_output.spec_token_ids.get(rid) if sr.num_draft_tokens else None
-            if spec is not None:  # drafts verified: every row up to the last accepted one is complete
-                self._update_spec(req, sr, runner_output, spec)
+            new = runner_output.tokens.get(rid) if sr.sample else None
+            if new is not None and sr.num_draft_tokens:  # drafts verified: rows up to the last accepted one are complete
+                self._update_spec(req, sr, new)
             else:
                 req.num_computed_tokens += len(sr.token_ids)
             self.block_manager.cache_full_blocks(req)
-            if spec is not None:
-                tokens = spec
-                layers = runner_output.spec_exit_layers.get(rid, [0] * len(spec))
-            elif sr.sample and rid in runner_output.sampled_token_ids:
-                tokens = [int(runner_output.sampled_token_ids[rid])]
-                layers = [int(runner_output.exit_layers.get(rid, 0))]
-            else:
+            if new is None:
                 continue
-            for token, layer in zip(tokens, layers):
+            for token, layer in zip(new.token_ids, new.exit_layers or [0] * len(new.token_ids)):
                 req.output_token_ids.append(int(token))
                 req.exit_layers.append(int(layer))
                 status = self._check_stop(req, int(token))
@@ -234,18 +228,17 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return out
 
-    def _update_spec(self, req: Request, sr: ScheduledRequest, runner_output: ModelRunnerOutput,
-                     tokens: list[int]) -> None:
+    def _update_spec(self, req: Request, sr: ScheduledRequest, new: SampledTokens) -> None:
         """Bookkeeping of a verification: the rows of the last sampled token and of the accepted drafts
         have their KV complete at every layer (``len(tokens)`` rows: accepted drafts + 1); the slots
         of rejected drafts stay reserved in the block table and are overwritten by later tokens."""
-        req.num_computed_tokens += len(tokens)
-        req.num_draft_tokens += runner_output.num_drafts.get(req.request_id, 0)
-        req.num_accepted_tokens += len(tokens) - 1
+        accepted, drafts = len(new.token_ids) - 1, new.num_drafts
+        req.num_computed_tokens += len(new.token_ids)
+        req.num_draft_tokens += drafts
+        req.num_accepted_tokens += accepted
         req.num_verify_steps += 1
-        drafts = runner_output.num_drafts.get(req.request_id, 0)
-        req.num_spec_rejections += len(tokens) - 1 < drafts
-        self.draft_control.observe(sr.spec, drafts, len(tokens) - 1)
+        req.num_spec_rejections += accepted < drafts
+        self.draft_control.observe(sr.spec, drafts, accepted)
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         params = req.sampling_params

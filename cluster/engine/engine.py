@@ -267,9 +267,9 @@ class LLMEngine:
         if t.first_token_time is None and tokens:
             t.first_token_time = now
         lp = None
-        entry = (getattr(runner_out, "logprobs", None) or {}).get(req.request_id)
-        if entry is not None and tokens:
-            lp = [TokenLogprob(tokens[-1], float(entry[0]), [(int(i), float(v)) for i, v in entry[1]])]
+        new = runner_out.tokens.get(req.request_id)
+        if new is not None and new.logprob is not None and tokens:
+            lp = [TokenLogprob(tokens[-1], float(new.logprob[0]), [(int(i), float(v)) for i, v in new.logprob[1]])]
         finished = req.is_finished
         failed = req.error is not None
         if failed:

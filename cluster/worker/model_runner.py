@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from cluster.config import ExitConfig, ModelConfig
-from cluster.core.outputs import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from cluster.core.outputs import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
 from cluster.model.exit_heads import ExitHeads
 from cluster.model.exits import ExitResult, forward_with_exits
 from cluster.model.layers.quant import QuantizedWeight
@@ -163,8 +163,8 @@ class ModelRunner:
         """Run one iteration; returns the sampled tokens on the driver rank, None elsewhere.
 
         Requests scheduled with ``num_draft_tokens > 0`` draft first and are verified in the
-        iteration's forward (:mod:`cluster.worker.spec_decode`); they report their verified tokens in
-        ``ModelRunnerOutput.spec_token_ids``. A failure of the forward raises; a failure while
+        iteration's forward (:mod:`cluster.worker.spec_decode`); they report their verified tokens
+        (and the drafts proposed) in ``ModelRunnerOutput.tokens``. A failure of the forward raises; a failure while
         sampling one request's row is reported in ``ModelRunnerOutput.failed`` (that request gets no
         token, the others do). The plain sampling step makes one device->host transfer (tokens, exit
         layers and logprobs together).
@@ -184,9 +184,9 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if rows_of:
             first, plain = sample_layout(so, rows_of)
-            out.spec_token_ids, out.spec_exit_layers, out.failed = self.spec_decoder.accept(
-                spec, rows_of, logits, first)
-            out.num_drafts = {rid: len(rs.drafts) for rid, rs in rows_of.items()}
+            verified, verified_layers, out.failed = self.spec_decoder.accept(spec, rows_of, logits, first)
+            out.tokens = {rid: SampledTokens(toks, verified_layers[rid], len(rows_of[rid].drafts))
+                          for rid, toks in verified.items()}
             if not plain:
                 return out
             idx = host_to_device(list(plain), torch.long, dev)
@@ -205,9 +205,8 @@ class ModelRunner:
                      guided_bitmasks=[sr.guided_bitmask for sr in sampled])
         states.append(history, slots, res.token_ids, res.failed)
         tokens, (layers,), logprobs = res.to_host(exit_layers)
-        ok = [i for i in range(len(sampled)) if i not in res.failed]
-        out.sampled_token_ids = {rids[i]: tokens[i] for i in ok}
-        out.exit_layers = {rids[i]: layers[i] for i in ok}
-        out.logprobs = {rids[i]: lp for i, lp in logprobs.items()}
+        for i in range(len(sampled)):
+            if i not in res.failed:
+                out.tokens[rids[i]] = SampledTokens([tokens[i]], [layers[i]], logprob=logprobs.get(i))
         out.failed.update({rids[i]: msg for i, msg in res.failed.items()})
         return out
