@@ -54,6 +54,7 @@ from bench.common.prompts import chat_prompts, held_out_setup
 from bench.common.quality import NLLCache, TeacherForced, free_agreement, quality_columns
 from bench.common.results import print_table, save
 from cluster import LLM, ExitConfig
+from cluster.request import LOSSY_MODES
 from cluster.training.quality import load_hf_causal_lm
 
 
@@ -66,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--num-prompts", type=int, default=None, help="default: max(8, 2 x batch) at batch <= 4, else one batch")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--measures", nargs="+", default=None, help="default: every calibrated measure")
-    ap.add_argument("--policies", nargs="+", default=["paper", "per_sequence"])
+    ap.add_argument("--policies", nargs="+", default=list(LOSSY_MODES))
     ap.add_argument("--hf", action="store_true", help="also run transformers generate")
     ap.add_argument("--modes", nargs="*", default=[], choices=list(LOSSLESS),
                     help="also these lossless modes (ExitConfig.mode), one variant per measure each")
