@@ -301,3 +301,21 @@ def test_speculative_sampling_matches_full_model(damped_model_dir):
              + math.sqrt(math.log(1000) / (2 * NUM_SAMPLES)) + left_out)
     assert bound < 0.25, bound
     assert tv <= bound, (tv, bound, counts, p)
+
+
+# --------------------------------------------------------------------------------------------- 6
+def test_no_tensor_without_device(damped_model_dir):
+    """Under ``debug_default_device="meta"`` (tests/test_device.py: a tensor made without a device
+    fails, as it would beside a CUDA model) layer_skip drafting, greedy and sampled, gives the tokens
+    of a normal run."""
+    params = [GREEDY, SamplingParams(max_tokens=16, temperature=0.8, top_k=40, seed=3, ignore_eos=True)]
+    got = {}
+    for debug in (None, "meta"):
+        llm = make_llm(damped_model_dir, skip_exits(spec_max_batch=16), debug_default_device=debug)
+        try:
+            outs = run(llm, [request(llm, PROMPTS[0], params[0]), request(llm, PROMPTS[1], params[1])])
+            assert all(o.error is None and o.num_verify_steps > 0 for o in outs)
+            got[debug] = [(o.token_ids, o.exit_layers) for o in outs]
+        finally:
+            llm.shutdown()
+    assert got["meta"] == got[None]
