@@ -319,3 +319,36 @@ def test_no_tensor_without_device(damped_model_dir):
         finally:
             llm.shutdown()
     assert got["meta"] == got[None]
+
+
+# --------------------------------------------------------------------------------------------- 7
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_default_model_equals_full_model(default_model_dir):
+    """The default model (float weights, its shipped exit config, never trained to skip layers):
+    layer_skip with the default skip set (every other layer of the middle half: 8 of 30) and fixed
+    draft lengths equals the full model token for token, beside a verified request; the
+    acceptance is reported, not asserted (SWIFT searches its skip set; this rule does not)."""
+    import dataclasses
+
+    from cluster import LLM
+    from cluster.llm import model_exit_config
+
+    shipped = model_exit_config(default_model_dir, 30)
+    llm = LLM(default_model_dir, quantization="none", num_blocks=64,
+              early_exit=dataclasses.replace(shipped, spec_max_batch=16, adaptive_drafts=False))
+    try:
+        chats = ["Write a haiku about rain.", "What are the three largest planets in the solar system?"]
+        ids = [llm.apply_chat_template([{"role": "user", "content": c}]) for c in chats]
+        sp = SamplingParams(max_tokens=16, ignore_eos=True)
+        full = [o.token_ids for o in llm.generate(ids, sp, exit_threshold=2.0)]
+        outs = run(llm, [EngineRequest(request_id="dm-skip", prompt_token_ids=ids[0], sampling_params=sp,
+                                       exit_mode="layer_skip", num_draft_tokens=3),
+                         EngineRequest(request_id="dm-verified", prompt_token_ids=ids[1], sampling_params=sp,
+                                       exit_mode="verified")])
+        assert [o.token_ids for o in outs] == full
+        assert outs[0].num_verify_steps > 0
+        print("default model layer_skip acceptance:", spec_totals(outs[:1]))
+        llm.engine.check_integrity()
+    finally:
+        llm.shutdown()
