@@ -8,8 +8,10 @@ held-out test split of the exit heads (never used for training or calibration), 
 
 Variants: ``full`` (the full model), ``lossy`` (the exit config's policy at its calibrated
 thresholds), ``verified`` (AdaDecode-style), ``self_spec`` (LayerSkip-style at the default draft
-layer with the adaptive draft length), and ``self_spec@E`` (fixed draft length, every exit layer E;
-batch 1 only: the per-draft-layer acceptance that bounds the speed-up).
+layer with the adaptive draft length), ``layer_skip`` (SWIFT-style: the model minus ``--skip-layers``,
+default the exit config's or every other middle layer, adaptive draft length), and ``self_spec@E``
+(fixed draft length, every exit layer E, and the skip set; batch 1 only: the per-draft-layer
+acceptance that bounds the speed-up).
 
 Reported per (variant, batch): tokens/s (generated tokens / wall time, prefill included) and the
 ratio to ``full``; acceptance rate (accepted / proposed drafts); verified tokens per verification
@@ -19,6 +21,7 @@ model (:meth:`cluster.engine.engine.LLMEngine.draft_cost`) and the speed-up boun
 ``max_k (1 - a^(k+1)) / ((1 - a)(1 + k c))`` (Leviathan et al. 2023) at the measured acceptance ``a``.
 
     python -m bench.spec --batch-sizes 1 4 16 --max-tokens 64 --repeats 2
+    python -m bench.spec --batch-sizes 1 --skip-layers 8 10 12 14 16 18 20 22
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from bench.common.results import print_table, results_dir, save
 from cluster import LLM, SamplingParams
 from cluster.core.draft_control import DraftLengthController
 from cluster.frontend.outputs import CompletionOutput
+from cluster.request import default_skip_layers
 from cluster.training.quality import exact_match, rouge_l
 
 
@@ -59,6 +63,9 @@ def main(argv=None):
     ap.add_argument("--num-prompts", type=int, default=16, help="prompts per batch size (at least the batch size)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the fastest is kept")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--skip-layers", type=int, nargs="+", default=None,
+                    help="layer_skip variant: decoder layers its drafts leave out (default: the exit config's, else "
+                         "every other layer of the middle half)")
     ap.add_argument("--layer-prompts", type=int, default=8, help="prompts for the per-draft-layer table (batch 1)")
     ap.add_argument("--lossy-thresholds", type=float, nargs="*", default=[0.5, 0.9, 0.99],
                     help="extra lossy variants at one threshold for every exit layer (the frontier's lossy points)")
@@ -73,12 +80,14 @@ def main(argv=None):
     prompts = chat_prompts(llm, texts, len(texts))
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     k = args.num_draft_tokens
+    skip = tuple(sorted(set(args.skip_layers or ec.skip_layers or default_skip_layers(L))))
     variants = {
         "full": dict(early_exit=False),
         "lossy": dict(exit_mode=ec.policy),
         **{f"lossy@{t}": dict(exit_mode=ec.policy, exit_threshold=t) for t in args.lossy_thresholds},
         "verified": dict(exit_mode="verified", num_draft_tokens=k),  # a cap; draft control stays on
         "self_spec": dict(exit_mode="self_speculative"),  # adaptive draft length (the config's)
+        "layer_skip": dict(exit_mode="layer_skip", skip_layers=skip),  # adaptive draft length (the config's)
     }
     rows = []
     for B in args.batch_sizes:
@@ -112,12 +121,21 @@ def main(argv=None):
             best_k = max(range(0, 9), key=lambda kk: DraftLengthController.gain(a, kk, c))
             layer_rows.append({"draft_layer": E, "acceptance_k1": round(a, 3), "draft_cost": round(c, 3),
                                "bound_speedup": round(gain, 3), "best_k": best_k})
+        # the skip set of the layer_skip variant, the same way
+        outs, dt = run_batch(llm, ps, 1, sp, exit_mode="layer_skip", skip_layers=skip, num_draft_tokens=1)
+        a = sum(o.num_accepted_tokens for o in outs) / max(1, sum(o.num_draft_tokens for o in outs))
+        c = eng.draft_cost(None, skip)
+        best_k = max(range(0, 9), key=lambda kk: DraftLengthController.gain(a, kk, c))
+        layer_rows.append({"draft_layer": f"skip {list(skip)}", "acceptance_k1": round(a, 3),
+                           "draft_cost": round(c, 3), "best_k": best_k,
+                           "bound_speedup": round(DraftLengthController.gain(a, best_k, c), 3)})
     if layer_rows:
         print_table(layer_rows, ["draft_layer", "acceptance_k1", "draft_cost", "best_k", "bound_speedup"])
     plot_frontier(rows, results_dir() / f"{args.name}-frontier.png")
     save(args.name, {"rows": rows, "draft_layers": layer_rows, "prompts": source, "max_tokens": args.max_tokens,
-                     "num_draft_tokens": k, "exit_config": {"exit_layers": list(ec.exit_layers), "policy": ec.policy,
-                                                            "confidence": ec.confidence},
+                     "num_draft_tokens": k, "skip_layers": list(skip),
+                     "exit_config": {"exit_layers": list(ec.exit_layers), "policy": ec.policy,
+                                     "confidence": ec.confidence},
                      "quantization": eng.model_config.quantization})
 
 

@@ -30,11 +30,12 @@ def cmd_generate(args) -> int:
 
     early_exit = MODEL_DEFAULT
     overrides = dict(mode=args.exit_mode, draft_layer=args.draft_layer, num_draft_tokens=args.num_draft_tokens,
-                     adaptive_drafts=args.adaptive_drafts)
+                     adaptive_drafts=args.adaptive_drafts,
+                     skip_layers=tuple(args.skip_layers) if args.skip_layers is not None else None)
     if args.no_early_exit:
         if any(v is not None for v in overrides.values()):
-            raise ValueError("--exit-mode, --draft-layer, --num-draft-tokens and --[no-]adaptive-drafts need early "
-                             "exit (not --no-early-exit)")
+            raise ValueError("--exit-mode, --draft-layer, --num-draft-tokens, --skip-layers and --[no-]adaptive-drafts "
+                             "need early exit (not --no-early-exit)")
         early_exit = None
     elif any(v is not None for v in overrides.values()):
         early_exit = model_exit_config_with(args.model, **overrides)  # the model's exit config, fields replaced
@@ -59,7 +60,8 @@ def cmd_generate(args) -> int:
                                                           "confidence": ec.confidence, "threshold": ec.threshold,
                                                           "mode": ec.mode or ec.policy,
                                                           "draft_layer": ec.default_draft_layer,
-                                                          "num_draft_tokens": ec.num_draft_tokens})
+                                                          "num_draft_tokens": ec.num_draft_tokens,
+                                                          "skip_layers": list(ec.skip_layers)})
         if out.num_verify_steps:  # a lossless mode ran
             stats.update(num_draft_tokens=out.num_draft_tokens, num_accepted_tokens=out.num_accepted_tokens,
                          acceptance_rate=None if out.acceptance_rate is None else round(out.acceptance_rate, 3),
@@ -83,10 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None, help="override the exit confidence threshold")
     g.add_argument("--no-early-exit", action="store_true", help="run the full model")
     g.add_argument("--exit-mode", default=None, choices=EXIT_MODES,
-                   help="early-exit mode (default: the model's exit config's); verified and self_speculative are "
-                        "lossless: the full model's output, exits only speed it up")
+                   help="early-exit mode (default: the model's exit config's); verified, self_speculative and "
+                        "layer_skip are lossless: the full model's output, drafts only speed it up")
     g.add_argument("--draft-layer", type=int, default=None,
                    help="self_speculative: the exit layer whose head drafts (default: the first exit layer)")
+    g.add_argument("--skip-layers", type=int, nargs="+", default=None, metavar="LAYER",
+                   help="layer_skip: the decoder layers (1-based, each below the last) drafts leave out, e.g. "
+                        "--skip-layers 3 5 7 (default: the exit config's, else every other middle layer)")
     g.add_argument("--num-draft-tokens", type=int, default=None,
                    help="lossless modes: drafts per verification (default: the exit config's, 4)")
     g.add_argument("--adaptive-drafts", action=argparse.BooleanOptionalAction, default=None,

@@ -217,10 +217,15 @@ class ExitConfig:
             drafts' remaining layers then run in one verification pass, the longest agreeing prefix
             is kept) or ``self_speculative`` (LayerSkip, Elhoushi et al. ACL 2024: ``num_draft_tokens``
             drafts from layer ``draft_layer`` and its exit head, verified in one pass through layers
-            ``draft_layer+1..L`` that reuses the drafts' hidden states and KV). Requests may pick
-            their own mode. See :mod:`cluster.model.speculative`.
+            ``draft_layer+1..L`` that reuses the drafts' hidden states and KV) or ``layer_skip`` (SWIFT,
+            Xia et al. 2024: drafts from the whole model minus the layers ``skip_layers``, then the
+            final norm and LM head; no exit layers needed). Requests may pick their own mode. See
+            :mod:`cluster.model.speculative`.
         draft_layer: ``self_speculative``: the layer count whose exit head drafts (default: the first
             exit layer; with ``head='trained'`` it must be one of ``exit_layers``).
+        skip_layers: ``layer_skip``: the model's default skip set (1-based decoder layers, each below
+            the last; e.g. written by a calibration search); ``()``: the rule of
+            :func:`cluster.request.default_skip_layers` (every other layer of the middle half).
         num_draft_tokens: drafts per verification (``self_speculative``: exactly this many, fewer only
             near ``max_tokens``; ``verified``: at most this many).
         draft_vocab: drafts use the FR-Spec reduced-vocabulary LM head (Zhao et al., arXiv 2502.14856)
@@ -251,6 +256,7 @@ class ExitConfig:
     spec_max_batch: int = 1
     draft_vocab: bool = True
     adaptive_drafts: bool = True
+    skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in EXIT_MODES:
@@ -269,6 +275,9 @@ class ExitConfig:
                 and self.draft_layer not in self.exit_layers):
             raise ValueError(f"draft_layer {self.draft_layer}: with head='trained' it must be one of "
                              f"exit_layers {self.exit_layers} (the layers that have a trained head)")
+        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+        if list(self.skip_layers) != sorted(set(self.skip_layers)) or any(l < 1 for l in self.skip_layers):
+            raise ValueError(f"skip_layers must be strictly increasing layer numbers >= 1, got {self.skip_layers}")
         if self.confidence not in CONFIDENCE_MEASURES:
             raise ValueError(f"confidence must be one of {CONFIDENCE_MEASURES}, got {self.confidence!r}")
         if self.head not in ("shared", "trained"):
@@ -308,12 +317,15 @@ class ExitConfig:
         return self.layer_thresholds[self.exit_layers.index(layer)]
 
     def validate_for(self, num_layers: int) -> None:
-        """Raises ValueError if an exit layer or the draft layer is not below ``num_layers``."""
+        """Raises ValueError if an exit layer, the draft layer or a skipped layer is not below ``num_layers``."""
         bad = [l for l in self.exit_layers if l >= num_layers]
         if bad:
             raise ValueError(f"exit_layers {bad} must be < num_layers ({num_layers})")
         if self.draft_layer is not None and self.draft_layer >= num_layers:
             raise ValueError(f"draft_layer {self.draft_layer} must be < num_layers ({num_layers})")
+        if self.skip_layers and self.skip_layers[-1] >= num_layers:
+            raise ValueError(f"skip_layers {list(self.skip_layers)} must be < num_layers ({num_layers}): the last "
+                             "layer is never skipped")
 
     @classmethod
     def default_for(cls, num_layers: int, **overrides) -> "ExitConfig":

@@ -9,14 +9,24 @@ from typing import Literal, Optional, Protocol, get_args
 from cluster.sampling import SamplingParams
 
 # Early-exit modes, defined here once: the lossy policies (a token's exit-head prediction is final)
-# and the lossless speculative modes (exit-head tokens are drafts that the full model verifies;
-# cluster.model.speculative). Every other module imports these names.
+# and the lossless speculative modes (exit-head tokens, or the tokens of the model with a set of layers
+# skipped, are drafts that the full model verifies; cluster.model.speculative). Every other module
+# imports these names.
 LossyMode = Literal["paper", "per_sequence"]
-LosslessMode = Literal["verified", "self_speculative"]
+LosslessMode = Literal["verified", "self_speculative", "layer_skip"]
 ExitMode = Literal[LossyMode, LosslessMode]
 LOSSY_MODES: tuple[str, ...] = get_args(LossyMode)
 LOSSLESS_MODES: tuple[str, ...] = get_args(LosslessMode)
 EXIT_MODES: tuple[str, ...] = get_args(ExitMode)
+
+
+def default_skip_layers(num_layers: int) -> tuple[int, ...]:
+    """``layer_skip``'s skip set when neither the request nor the exit config gives one: every other
+    layer of the middle half, ``L//4 + 1, L//4 + 3, ... <= 3L//4`` (1-based; SWIFT, Xia et al. 2024,
+    finds the middle layers the most redundant). E.g. 30 layers -> 8, 10, ..., 22 (8 layers); 6 -> 2, 4.
+    Never the last layer; empty only for a 1-layer model."""
+    hi = min((3 * num_layers) // 4, num_layers - 1)
+    return tuple(range(num_layers // 4 + 1, hi + 1, 2))
 
 
 @dataclass(frozen=True)
@@ -27,8 +37,10 @@ class ExitPlan:
     Attributes:
         mode: None runs the full model (no exit test); ``paper`` / ``per_sequence``: lossy exits at
             ``threshold`` (the batch's compute policy is the engine's); ``verified`` /
-            ``self_speculative``: lossless drafts verified by the full model.
+            ``self_speculative`` / ``layer_skip``: lossless drafts verified by the full model.
         draft_layer: ``self_speculative``: the exit layer whose head drafts (None otherwise).
+        skip_layers: ``layer_skip``: the decoder layers (1-based) the drafts leave out, sorted, unique,
+            non-empty (the engine checks that each is below the last layer); ``()`` otherwise.
         num_draft_tokens: lossless modes: drafts per verification (at most; with ``adaptive`` the
             draft control may choose fewer or none: :mod:`cluster.core.draft_control`); 0 otherwise.
         draft_cost: lossless modes: one draft's cost as a fraction of a full decode step.
@@ -38,8 +50,10 @@ class ExitPlan:
 
     Raises:
         ValueError: an unknown mode; a lossless mode with ``num_draft_tokens < 1``;
-            ``self_speculative`` without ``draft_layer``; draft settings with a lossy mode or the
-            full model; a threshold outside ``[0, 1]``.
+            ``self_speculative`` without ``draft_layer``; ``layer_skip`` without ``skip_layers``, or
+            with ``skip_layers`` not sorted and unique or below 1, or with a ``draft_layer``;
+            ``skip_layers`` with another mode; draft settings with a lossy mode or the full model; a
+            threshold outside ``[0, 1]``.
     """
 
     mode: Optional[ExitMode] = None
@@ -48,6 +62,7 @@ class ExitPlan:
     draft_cost: float = 0.0
     adaptive: bool = True
     threshold: Optional[float] = None
+    skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.mode is not None and self.mode not in EXIT_MODES:
@@ -57,8 +72,18 @@ class ExitPlan:
                 raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
             if self.mode == "self_speculative" and self.draft_layer is None:
                 raise ValueError("self_speculative needs a draft_layer")
+            if self.mode == "layer_skip":
+                skip = self.skip_layers
+                if not skip:
+                    raise ValueError("layer_skip needs a non-empty skip_layers")
+                if list(skip) != sorted(set(skip)) or skip[0] < 1:
+                    raise ValueError(f"skip_layers must be sorted, unique layer numbers >= 1, got {skip}")
+                if self.draft_layer is not None:
+                    raise ValueError("layer_skip drafts with the whole model minus skip_layers, not a draft_layer")
         elif self.draft_layer is not None or self.num_draft_tokens:
             raise ValueError(f"draft_layer and num_draft_tokens need a lossless mode, not {self.mode!r}")
+        if self.skip_layers and self.mode != "layer_skip":
+            raise ValueError(f"skip_layers need mode 'layer_skip', not {self.mode!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 

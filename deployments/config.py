@@ -44,11 +44,14 @@ class ServeArgs(BaseModel):
     exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")
     exit_mode: Optional[ExitMode] = Field(
         None, description="default early-exit mode of requests (replaces the model's exit config's mode); None: the "
-                          "model's. verified / self_speculative are lossless: the full model's output")
+                          "model's. verified / self_speculative / layer_skip are lossless: the full model's output")
     draft_layer: Optional[int] = Field(None, ge=1, description="self_speculative: the drafting exit layer; None: the "
                                                                 "model's (its first exit layer)")
     num_draft_tokens: Optional[int] = Field(
         None, ge=1, le=MAX_DRAFT_TOKENS, description="lossless modes: drafts per verification; None: the model's (4)")
+    skip_layers: Optional[tuple[int, ...]] = Field(
+        None, description="layer_skip: the decoder layers (1-based, each below the last) drafts leave out, e.g. "
+                          "skip_layers=3,5,7; None: the model's exit config's, else every other middle layer")
     adaptive_drafts: Optional[bool] = Field(
         None, description="self_speculative: draft only as many tokens as the measured acceptance pays for (False: "
                           "always num_draft_tokens); None: the model's exit config's (True)")
@@ -96,6 +99,15 @@ class ServeArgs(BaseModel):
     def _empty_is_none(cls, v):
         return None if v in ("", "None", "none", "null") else v
 
+    @field_validator("skip_layers", mode="before")
+    @classmethod
+    def _layer_list(cls, v):
+        """``serve run`` passes a string: ``3,5,7``, ``3 5 7`` or ``[3, 5, 7]``."""
+        if isinstance(v, str):
+            text = v.strip().strip("[]()").replace(",", " ").split()
+            return tuple(int(x) for x in text) if text and v.strip() not in ("None", "none", "null") else None
+        return v
+
     @field_validator("autoscaling_config", mode="before")
     @classmethod
     def _json_or_none(cls, v):
@@ -122,7 +134,7 @@ class ServeArgs(BaseModel):
     @model_validator(mode="after")
     def _exit_settings_need_exits(self):
         if not self.early_exit:
-            given = [k for k in ("exit_mode", "draft_layer", "num_draft_tokens", "adaptive_drafts")
+            given = [k for k in ("exit_mode", "draft_layer", "num_draft_tokens", "adaptive_drafts", "skip_layers")
                      if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{given[0]}: needs early_exit true (early_exit false serves the full model)")
@@ -132,7 +144,7 @@ class ServeArgs(BaseModel):
     def exit_config(self):
         """The engine's ``early_exit`` argument: None (full model), the model's own exit config
         (``MODEL_DEFAULT``), or, with ``exit_mode`` / ``draft_layer`` / ``num_draft_tokens`` /
-        ``adaptive_drafts``, the model's exit config with those fields replaced (``mode`` for
+        ``adaptive_drafts`` / ``skip_layers``, the model's exit config with those fields replaced (``mode`` for
         ``exit_mode``; reads the model's config files); ``exit_threshold`` replaces the config's
         threshold at every exit layer (calibrated per-layer thresholds included)."""
         import dataclasses
@@ -142,7 +154,7 @@ class ServeArgs(BaseModel):
         if not self.early_exit:
             return None
         over = dict(mode=self.exit_mode, draft_layer=self.draft_layer, num_draft_tokens=self.num_draft_tokens,
-                    adaptive_drafts=self.adaptive_drafts)
+                    adaptive_drafts=self.adaptive_drafts, skip_layers=self.skip_layers)
         if all(v is None for v in over.values()) and self.exit_threshold is None:
             return MODEL_DEFAULT
         ec = model_exit_config_with(self.model, **over)

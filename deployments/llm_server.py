@@ -107,6 +107,7 @@ class LLMServer:
                 "exit_mode": (ec.mode or ec.policy) if ec else None,
                 "draft_layer": ec.default_draft_layer if ec else None,
                 "num_draft_tokens": ec.num_draft_tokens if ec else None,
+                "skip_layers": list(ec.skip_layers) if ec else [],
                 "replica": self.replica_id}
 
     # ------------------------------------------------------------------------------ introspection

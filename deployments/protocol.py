@@ -4,10 +4,10 @@
 Requests: ``/v1/completions`` and ``/v1/chat/completions`` with OpenAI's sampling fields, vLLM's
 extras (``top_k``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``) and
 ``early_exit`` (``false``: full model; absent or ``true``: the server's default; an object
-``{"mode", "threshold", "draft_layer", "num_draft_tokens"}``, every key optional: this request's
-mode (``paper`` / ``per_sequence`` lossy, ``verified`` / ``self_speculative`` lossless), threshold
-and draft settings). Unknown fields are rejected (400), never silently ignored. Errors
-are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}`` raised as
+``{"mode", "threshold", "draft_layer", "num_draft_tokens", "skip_layers"}``, every key optional: this
+request's mode (``paper`` / ``per_sequence`` lossy, ``verified`` / ``self_speculative`` /
+``layer_skip`` lossless), threshold and draft settings). Unknown fields are rejected (400), never
+silently ignored. Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}`` raised as
 :class:`~deployments.errors.OpenAIError`. The mapping to the engine (:class:`cluster.sampling.SamplingParams`) is here;
 what the engine checks against the model (context length, vocabulary, schemas) is not repeated.
 """
@@ -35,25 +35,38 @@ class EarlyExitOption(BaseModel):
     # The Field constraints are the checks (and the OpenAPI schema); _early_exit words their errors.
     model_config = ConfigDict(extra="forbid")
     mode: Optional[ExitMode] = Field(
-        None, description="paper / per_sequence: lossy exits; verified / self_speculative: lossless (the full "
-                          "model's output, exits only speed it up)")
+        None, description="paper / per_sequence: lossy exits; verified / self_speculative / layer_skip: lossless "
+                          "(the full model's output, drafts only speed it up)")
     threshold: Optional[float] = Field(None, ge=0.0, le=1.0, strict=True,
                                        description="confidence threshold of this request's exits")
     draft_layer: Optional[int] = Field(None, ge=1, strict=True,
                                        description="self_speculative: the layer whose exit head drafts")
     num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS, strict=True,
                                             description="lossless modes: drafts per verification")
+    skip_layers: Optional[list[int]] = Field(
+        None, strict=True, description="layer_skip: the decoder layers (1-based, each below the last) its drafts "
+                                       "leave out; absent: the server's")
 
     @field_validator("draft_layer", "num_draft_tokens")
     @classmethod
     def _lossless_only(cls, v, info: ValidationInfo):
         mode = info.data.get("mode")
         if v is not None and mode is not None and mode not in LOSSLESS_MODES:
-            raise PydanticCustomError("early_exit", f"only with mode 'verified' or 'self_speculative', not {mode!r}")
+            raise PydanticCustomError("early_exit", "only with mode " + " or ".join(repr(m) for m in LOSSLESS_MODES)
+                                      + f", not {mode!r}")
+        return v
+
+    @field_validator("skip_layers")
+    @classmethod
+    def _layer_skip_only(cls, v, info: ValidationInfo):
+        mode = info.data.get("mode")
+        if v is not None and mode is not None and mode != "layer_skip":
+            raise PydanticCustomError("early_exit", f"only with mode 'layer_skip', not {mode!r}")
         return v
 
 
-EARLY_EXIT_KEYS = tuple(EarlyExitOption.model_fields)  # mode, threshold, draft_layer, num_draft_tokens
+# mode, threshold, draft_layer, num_draft_tokens, skip_layers
+EARLY_EXIT_KEYS = tuple(EarlyExitOption.model_fields)
 
 
 def _bounds(key: str) -> str:
@@ -64,8 +77,9 @@ def _bounds(key: str) -> str:
 
 
 def _early_exit(v):
-    """``early_exit``: a bool or ``{"mode", "threshold", "draft_layer", "num_draft_tokens"}`` (all
-    optional), validated by :class:`EarlyExitOption` with a message that names the bad key."""
+    """``early_exit``: a bool or ``{"mode", "threshold", "draft_layer", "num_draft_tokens",
+    "skip_layers"}`` (all optional), validated by :class:`EarlyExitOption` with a message that names
+    the bad key."""
     if v is None or isinstance(v, (bool, EarlyExitOption)):
         return v
     if not isinstance(v, dict):
@@ -83,6 +97,8 @@ def _early_exit(v):
         kind, got = err["type"], v.get(key)
         if key == "mode":
             why = f"must be one of {', '.join(EXIT_MODES)}, got {got!r}"
+        elif key == "skip_layers" and kind in ("list_type", "int_type"):
+            why = f"must be a list of layer numbers (integers), got {got!r}"
         elif kind == "float_type":
             why = f"must be a number {_bounds(key)}"
         elif kind == "int_type":
@@ -154,7 +170,7 @@ class _GenerationRequest(BaseModel):
     response_format: Optional[ResponseFormat] = None
     early_exit: Union[bool, EarlyExitOption, None] = Field(
         None, description="false: full model; true or absent: the server's default; an object: this request's "
-                          "mode, threshold, draft_layer, num_draft_tokens (absent keys: the server's)")
+                          "mode, threshold, draft_layer, num_draft_tokens, skip_layers (absent keys: the server's)")
     user: Optional[str] = None
 
     @field_validator("early_exit", mode="before")
@@ -197,7 +213,8 @@ class _GenerationRequest(BaseModel):
         o = self.early_exit if isinstance(self.early_exit, EarlyExitOption) else None
         return {"early_exit": self.early_exit is not False, "exit_threshold": o.threshold if o else None,
                 "exit_mode": o.mode if o else None,
-                "draft_layer": o.draft_layer if o else None, "num_draft_tokens": o.num_draft_tokens if o else None}
+                "draft_layer": o.draft_layer if o else None, "num_draft_tokens": o.num_draft_tokens if o else None,
+                "skip_layers": o.skip_layers if o else None}
 
     def num_logprobs(self) -> Optional[int]:
         """SamplingParams.logprobs: None (off) or the number of top alternatives."""

@@ -148,15 +148,16 @@ def test_early_exit_field(client):
 
 
 LOSSLESS = [{"mode": "verified"}, {"mode": "verified", "threshold": 0.0},
-            {"mode": "self_speculative", "draft_layer": 1, "num_draft_tokens": 3}]
+            {"mode": "self_speculative", "draft_layer": 1, "num_draft_tokens": 3},
+            {"mode": "layer_skip"}]  # the default skip set (every other middle layer: 2, 4 of 6)
 
 
-@pytest.mark.parametrize("opt", LOSSLESS, ids=["verified", "verified-t0", "self_speculative"])
+@pytest.mark.parametrize("opt", LOSSLESS, ids=["verified", "verified-t0", "self_speculative", "layer_skip"])
 def test_lossless_modes_equal_the_full_model(client, opt):
     """Greedy output of the lossless modes == the full model's, streamed and not, chat and completions;
     a streamed delta may carry several verified tokens: text, usage and exit counts still add up."""
     n = 16
-    spec = opt["mode"] == "self_speculative"
+    spec = opt["mode"] in ("self_speculative", "layer_skip")  # drafts of a fixed length: always some
 
     def ask(early_exit, stream=False, chat=True):
         kw = dict(model=MODEL, temperature=0, max_tokens=n, extra_body={"ignore_eos": True, "early_exit": early_exit})
@@ -219,6 +220,12 @@ def test_lossless_mode_with_logprobs_streams_every_token(client):
     ({"threshold": "high"}, r"early_exit\.threshold"),
     ({"mode": "self_speculative", "draft_layer": 6}, r"early_exit\.draft_layer: must be in \[1, 5\]"),  # engine
     ({"draft_layer": 2}, r"draft_layer and num_draft_tokens need mode"),  # engine: the server's mode is lossy
+    ({"mode": "verified", "skip_layers": [2]}, r"early_exit\.skip_layers: only with mode 'layer_skip'"),
+    ({"mode": "layer_skip", "skip_layers": "2"}, r"early_exit\.skip_layers: must be a list of layer numbers"),
+    ({"mode": "layer_skip", "skip_layers": [0, 2]}, r"early_exit\.skip_layers: each must be in \[1, 5\]"),  # engine
+    ({"mode": "layer_skip", "skip_layers": [9]}, r"early_exit\.skip_layers: each must be in \[1, 5\]"),  # engine
+    ({"mode": "layer_skip", "skip_layers": []}, r"early_exit\.skip_layers: must name at least one layer"),  # engine
+    ({"mode": "layer_skip", "skip_layers": [2, 6]}, r"early_exit\.skip_layers: .*the last layer, 6, is never"),
 ])
 def test_early_exit_errors_through_client(client, early_exit, message):
     import re
@@ -340,8 +347,9 @@ def test_errors_through_client_and_still_serving(client):
 
 @pytest.mark.parametrize("path,early_exit", [
     ("/v1/completions", None), ("/v1/chat/completions", None), ("/v1/chat/completions", {"mode": "verified"}),
-    ("/v1/completions", {"mode": "self_speculative", "draft_layer": 1, "num_draft_tokens": 3})],
-    ids=["completions", "chat", "chat-verified", "completions-self_speculative"])
+    ("/v1/completions", {"mode": "self_speculative", "draft_layer": 1, "num_draft_tokens": 3}),
+    ("/v1/chat/completions", {"mode": "layer_skip", "skip_layers": [2, 3]})],
+    ids=["completions", "chat", "chat-verified", "completions-self_speculative", "chat-layer_skip"])
 def test_client_disconnect_aborts_and_frees_blocks(server, path, early_exit):
     """A client that drops its stream aborts the request, drafting or not: its blocks (the drafts'
     reserved slots included) are freed and the engine goes on."""

@@ -9,7 +9,7 @@ from typing import Optional
 from cluster import ExitConfig
 from cluster.request import LOSSLESS_MODES
 
-LOSSLESS = LOSSLESS_MODES  # ("verified", "self_speculative")
+LOSSLESS = LOSSLESS_MODES  # ("verified", "self_speculative", "layer_skip")
 
 
 def own_exit_config(model_dir: str, num_layers: int) -> tuple[ExitConfig, dict]:

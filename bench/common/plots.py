@@ -117,7 +117,7 @@ def plot_frontier(rows: list[dict], path) -> None:
     """Speed-up over the full model (y) against free-running ROUGE-L against the full model's answers
     (x), one marker per variant, one colour per batch size: the speed/quality frontier of every mode."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"full": "s", "lossy": "o", "verified": "*", "self_spec": "P"}
+    markers = {"full": "s", "lossy": "o", "verified": "*", "self_spec": "P", "layer_skip": "X"}
     for b, color in zip(sorted({r["batch"] for r in rows}), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         pts = [r for r in rows if r["batch"] == b]
         for r in pts:

@@ -2,8 +2,8 @@
 
 Speculative decoding pays off only when the drafts are cheap and often right, and on a model whose
 early layers predict badly it is slower than the full model. The controller keeps decayed counts of
-the verifications of each (mode, draft layer) across requests (acceptance is mostly a property of
-the model and its exits) and drafts only when the modelled gain beats the full model:
+the verifications of each (mode, draft layer or skip set) across requests (acceptance is mostly a
+property of the model and its exits) and drafts only when the modelled gain beats the full model:
 
 * ``self_speculative``: with a per-draft acceptance probability ``a`` (tokens accepted independently,
   Leviathan et al. 2023, Sec. 3.1), ``k`` drafts yield ``(1 - a**(k+1)) / (1 - a)`` verified tokens
@@ -11,6 +11,8 @@ the model and its exits) and drafts only when the modelled gain beats the full m
   (:attr:`cluster.request.ExitPlan.draft_cost`: the weight bytes of layers ``1..E`` and of the
   draft's LM head, plus a pass overhead). The ``k <= num_draft_tokens`` with the best tokens per unit
   cost is chosen; ``k = 0`` (plain full-depth decode, lossless anyway) when no ``k`` beats 1.
+* ``layer_skip``: the same rule, ``c`` being the weight bytes of the layers kept (all but the skip
+  set) and of the draft's LM head, plus the pass overhead; estimates are kept per skip set.
 * ``verified``: drafts come from confident exits, so the draft length is the data's; an iteration
   with drafting yields ``t`` verified tokens (measured) for ``1 + (d + 1) * verified_pass_cost``
   steps, ``d`` being the drafts per iteration (each draft adds a pass, and the verification one).
@@ -30,6 +32,8 @@ from cluster.request import ExitPlan, Request
 # (its metadata, exit checks with their host syncs, the embedding and the LM head of its rows) costs
 # about 0.28 of a full decode step.
 VERIFIED_PASS_COST = 0.28
+# modes whose drafts cost a known fraction of a step each (ExitPlan.draft_cost): k is chosen by gain()
+FIXED_COST_MODES = ("self_speculative", "layer_skip")
 
 
 class DraftLengthController:
@@ -50,14 +54,14 @@ class DraftLengthController:
         self.max_probe_every = max(max_probe_every, probe_every)
         self.decay = decay
         self.verified_pass_cost = verified_pass_cost
-        # (mode, draft_layer) -> [accepted drafts, rejections, drafts, verifications] (decayed)
+        # (mode, draft_layer, skip_layers) -> [accepted drafts, rejections, drafts, verifications] (decayed)
         self.stats: dict[tuple, list[float]] = {}
         self._idle: dict[tuple, int] = {}
         self._interval: dict[tuple, int] = {}  # current probing interval (backs off while drafts do not pay)
 
     @staticmethod
     def _key(spec: ExitPlan) -> tuple:
-        return spec.mode, spec.draft_layer
+        return spec.mode, spec.draft_layer, spec.skip_layers
 
     def observe(self, spec: ExitPlan, num_drafts: int, num_accepted: int) -> None:
         """Record one verification of ``num_drafts`` drafts, ``num_accepted`` of them accepted."""
@@ -76,7 +80,8 @@ class DraftLengthController:
 
     @staticmethod
     def gain(a: float, k: int, c: float) -> float:
-        """``self_speculative``: expected verified tokens per unit cost with ``k`` drafts (1 for ``k = 0``)."""
+        """``self_speculative`` / ``layer_skip``: expected verified tokens per unit cost with ``k``
+        drafts (1 for ``k = 0``)."""
         tokens = k + 1 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
         return tokens / (1.0 + k * c)
 
@@ -94,7 +99,8 @@ class DraftLengthController:
         spec = req.exit_plan
         if not spec.adaptive or k_max <= 0:
             return k_max
-        if spec.mode == "self_speculative":
+        fixed_cost = spec.mode in FIXED_COST_MODES
+        if fixed_cost:
             a, c = self.acceptance(spec), spec.draft_cost
             best = max(range(k_max + 1), key=lambda k: (self.gain(a, k, c), -k))
         else:
@@ -109,5 +115,5 @@ class DraftLengthController:
         if self._idle[key] >= interval:
             self._idle[key] = 0
             self._interval[key] = min(2 * interval, self.max_probe_every)
-            return 1 if spec.mode == "self_speculative" else k_max
+            return 1 if fixed_cost else k_max
         return 0

@@ -19,7 +19,7 @@ from cluster.core.scheduler import Scheduler
 from cluster.engine.detokenizer import IncrementalDetokenizer
 from cluster.engine.token_stream import TokenStream
 from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput, TokenLogprob, lower_max_tokens
-from cluster.request import FULL_MODEL, LOSSLESS_MODES, ExitPlan, Request, RequestStatus
+from cluster.request import FULL_MODEL, LOSSLESS_MODES, ExitPlan, Request, RequestStatus, default_skip_layers
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +132,13 @@ class LLMEngine:
     # bench/speed.py measured the fixed step cost at about 0.15 of an int4 batch-1 step on our CPUs
     DRAFT_PASS_OVERHEAD = 0.1
 
-    def draft_cost(self, draft_layer: Optional[int]) -> float:
+    def draft_cost(self, draft_layer: Optional[int], skip_layers: tuple[int, ...] = ()) -> float:
         """A draft's cost as a fraction of a full decode step (memory-bound decode: weight bytes read):
-        layers ``1..draft_layer`` plus the draft's LM head (the FR-Spec reduced head if the exit heads
-        have one), over all layers plus the LM head, plus :attr:`DRAFT_PASS_OVERHEAD`."""
+        the layers the draft runs (``1..draft_layer``; with ``skip_layers``, ``layer_skip``: every
+        layer but those) plus the draft's LM head (the FR-Spec reduced head if the exit heads have
+        one), over all layers plus the LM head, plus :attr:`DRAFT_PASS_OVERHEAD`."""
         mc = self.model_config
-        if draft_layer is None:  # verified: drafts are the exit computation itself
+        if draft_layer is None and not skip_layers:  # verified: drafts are the exit computation itself
             return self.DRAFT_PASS_OVERHEAD
         bpp = {"none": mc.dtype_bytes, "int8": 1.0, "int4": 0.5 + 4.0 / mc.quant_group_size}[mc.quantization]
         head_bpp = mc.dtype_bytes if mc.quantization == "none" else 1.0
@@ -153,7 +154,8 @@ class LLMEngine:
                 self._draft_rows = mc.vocab_size if ids is None else int(ids.numel())
             rows = self._draft_rows
         full = mc.num_layers * layer + mc.vocab_size * h * head_bpp
-        return (draft_layer * layer + rows * h * head_bpp) / full + self.DRAFT_PASS_OVERHEAD
+        ran = mc.num_layers - len(skip_layers) if skip_layers else draft_layer
+        return (ran * layer + rows * h * head_bpp) / full + self.DRAFT_PASS_OVERHEAD
 
     def resolve_exit_plan(self, req: EngineRequest) -> ExitPlan:
         """The request's :class:`~cluster.request.ExitPlan`, resolved once from the request and the
@@ -166,14 +168,22 @@ class LLMEngine:
         Raises:
             InvalidRequestError: ``verified`` without exit layers; a ``draft_layer`` outside ``[1,
                 num_layers)`` or, with trained exit heads, not one of the exit layers; draft
-                settings given with a lossy mode.
+                settings given with a lossy mode; ``skip_layers`` without mode ``layer_skip``, or
+                empty, or with a layer outside ``[1, num_layers - 1]`` (the last layer is never
+                skipped); a ``draft_layer`` with ``layer_skip``.
         """
         ec, L = self.exit_config, self.model_config.num_layers
         mode = req.exit_mode or (ec.mode if ec is not None else None)
         lossless = mode in LOSSLESS_MODES
         if not lossless and (req.draft_layer is not None or req.num_draft_tokens is not None):
             raise InvalidRequestError("early_exit", "early_exit: draft_layer and num_draft_tokens need mode "
-                                      "'verified' or 'self_speculative'")
+                                      + " or ".join(repr(m) for m in LOSSLESS_MODES))
+        if mode != "layer_skip" and req.skip_layers is not None:
+            raise InvalidRequestError("early_exit", "early_exit.skip_layers: only with mode 'layer_skip'"
+                                      + (f", not {mode!r}" if mode else " (the request names no mode)"))
+        if mode == "layer_skip" and req.draft_layer is not None:
+            raise InvalidRequestError("early_exit", "early_exit.draft_layer: only with mode 'self_speculative' "
+                                      "(layer_skip drafts with every layer but skip_layers)")
         thr = req.exit_threshold
         if not req.early_exit:
             return FULL_MODEL
@@ -186,6 +196,11 @@ class LLMEngine:
                 raise InvalidRequestError("early_exit", "early_exit.mode: 'verified' needs exit layers; this "
                                           "engine runs the full model")
             plan = ExitPlan("verified", None, k, self.draft_cost(None), adaptive=ec.adaptive_drafts, threshold=thr)
+        elif mode == "layer_skip":
+            skip = self._skip_layers(req)
+            plan = ExitPlan("layer_skip", None, k, self.draft_cost(None, skip), threshold=thr, skip_layers=skip,
+                            # a draft length the request asks for is kept, as for self_speculative
+                            adaptive=(ec.adaptive_drafts if ec is not None else True) and req.num_draft_tokens is None)
         else:
             e = req.draft_layer or (ec.default_draft_layer if ec is not None else None) or max(1, L // 4)
             if not 1 <= e < L:
@@ -200,6 +215,22 @@ class LLMEngine:
         if sp.uses_penalties or sp.guided_decoding is not None or sp.logprobs is not None:
             return FULL_MODEL
         return plan
+
+    def _skip_layers(self, req: EngineRequest) -> tuple[int, ...]:
+        """``layer_skip``'s skip set: the request's (sorted, duplicates dropped), else the exit
+        config's, else :func:`~cluster.request.default_skip_layers`; raises InvalidRequestError
+        (``early_exit``) when it is empty or a layer is outside ``[1, num_layers - 1]``."""
+        L, ec = self.model_config.num_layers, self.exit_config
+        skip = req.skip_layers if req.skip_layers is not None else (
+            (ec.skip_layers if ec is not None else ()) or default_skip_layers(L))
+        if not skip:
+            raise InvalidRequestError("early_exit", f"early_exit.skip_layers: must name at least one layer in "
+                                      f"[1, {L - 1}], got none")
+        bad = [l for l in skip if not 1 <= l < L]
+        if bad:
+            raise InvalidRequestError("early_exit", f"early_exit.skip_layers: each must be in [1, {L - 1}] (the last "
+                                      f"layer, {L}, is never skipped), got {bad[0]}")
+        return tuple(sorted(set(skip)))
 
     def add_request(self, request: EngineRequest) -> str:
         """Validate (:meth:`validate`) and queue a request; returns its id.

@@ -99,7 +99,7 @@ def model_exit_config_with(model: Optional[str], **overrides) -> ExitConfig:
 
     Raises:
         ValueError: the replaced config is invalid (e.g. ``mode='verified'`` without exit layers, a
-            ``draft_layer`` not below the model's depth).
+            ``draft_layer`` or a ``skip_layers`` layer not below the model's depth).
     """
     from cluster.model.loader import load_hf_config, resolve_model_dir
 
@@ -111,6 +111,9 @@ def model_exit_config_with(model: Optional[str], **overrides) -> ExitConfig:
     if ec.draft_layer is not None and ec.draft_layer >= num_layers:
         raise ValueError(f"draft_layer: must be in [1, {num_layers - 1}] for this {num_layers}-layer model, "
                          f"got {ec.draft_layer}")
+    if ec.skip_layers and ec.skip_layers[-1] >= num_layers:
+        raise ValueError(f"skip_layers: each must be in [1, {num_layers - 1}] for this {num_layers}-layer model "
+                         f"(the last layer is never skipped), got {list(ec.skip_layers)}")
     return ec
 
 

@@ -71,11 +71,15 @@ class EngineRequest(BaseModel):
         max_tokens_is_default: the client gave no ``max_tokens``: the engine lowers it to what the
             context window and the KV cache can hold instead of refusing the request.
         exit_mode: None (the exit config's mode), ``paper`` / ``per_sequence`` (lossy exits; the
-            batch's compute policy stays the engine's), ``verified`` or ``self_speculative``
-            (lossless: the output is the full model's; see :class:`cluster.config.ExitConfig`).
+            batch's compute policy stays the engine's), ``verified``, ``self_speculative`` or
+            ``layer_skip`` (lossless: the output is the full model's; see :class:`cluster.config.ExitConfig`).
         draft_layer, num_draft_tokens: override the exit config's for ``self_speculative`` /
-            ``verified`` (None: the config's). A ``num_draft_tokens`` given here is used as is by
-            ``self_speculative`` (no adaptive draft length: LayerSkip's fixed setting).
+            ``verified`` / ``layer_skip`` (None: the config's; ``draft_layer``: ``self_speculative``
+            only). A ``num_draft_tokens`` given here is used as is by ``self_speculative`` and
+            ``layer_skip`` (no adaptive draft length: LayerSkip's fixed setting).
+        skip_layers: ``layer_skip``: the decoder layers (1-based, any order) its drafts leave out,
+            each in ``[1, num_layers - 1]`` (checked by the engine); None: the exit config's, else
+            :func:`cluster.request.default_skip_layers`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -89,6 +93,7 @@ class EngineRequest(BaseModel):
     exit_mode: Optional[ExitMode] = None
     draft_layer: Optional[int] = Field(None, ge=1)
     num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    skip_layers: Optional[tuple[int, ...]] = None
 
 
 @dataclass

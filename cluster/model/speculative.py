@@ -1,4 +1,5 @@
-"""Lossless early exit: drafts from exit heads, verified by the full model (one mechanism, two modes).
+"""Lossless early exit: drafts from exit heads or from the model minus some layers, verified by the
+full model (one mechanism, three modes).
 
 * ``self_speculative`` (LayerSkip, Elhoushi et al. ACL 2024): ``k`` drafts, each from layer ``E`` and
   its exit head; then one verification pass runs layers ``E+1..L`` for the draft rows, reusing the
@@ -8,6 +9,10 @@
   draft; drafting goes on while exits are confident (at most ``k`` drafts); the first token that is
   not confident by the last exit layer stops drafting and joins the verification at that depth. Each
   draft row's remaining layers ``l+1..L`` run in the verification pass, beside the next tokens.
+* ``layer_skip`` (SWIFT, Xia et al. 2024, arXiv 2410.06916): ``k`` drafts, each from the whole model
+  with a set ``S`` of intermediate decoder layers left out, then the final norm and the LM head
+  (:func:`skip_draft_forward`); every draft row then runs all ``L`` layers in the verification (its
+  approximate K/V of the kept layers are overwritten there).
 
 No K/V fill is used: every draft row's K/V of its skipped layers is computed by the verification
 from its true hidden state, so the cache of accepted tokens equals the full model's. A rejected
@@ -145,6 +150,26 @@ def draft_forward(model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids
         if not any(alive):
             break
     return DraftResult(depths, drafted, hidden, logits, depth_of[:P], H[:P])
+
+
+def skip_draft_forward(model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids: torch.Tensor,
+                       positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor],
+                       skip: Sequence[int]) -> torch.Tensor:
+    """One ``layer_skip`` drafting pass: ``n`` decode rows (``input_ids, positions: [n]`` long, ``meta``
+    their metadata) run every decoder layer whose 1-based number is not in ``skip``, writing their
+    K/V for those layers only, then the final norm and the draft head (the FR-Spec reduced head of
+    ``heads`` if it has one, else the LM head; :func:`exit_logits` at the last layer, which never
+    has an exit head of its own). No exit test, no host sync.
+
+    Returns:
+        ``[n, V]`` float32 full-vocabulary draft logits.
+    """
+    skipped = set(skip)
+    h = model.model.embed_tokens(input_ids)
+    for i, layer in enumerate(model.model.layers):
+        if i + 1 not in skipped:
+            h = layer(h, positions, meta, kv_caches[i])
+    return exit_logits(model, heads, model.config.num_layers, h)
 
 
 def accept_greedy(drafts: Sequence[int], targets: Sequence[int]) -> list[int]:

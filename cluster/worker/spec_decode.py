@@ -4,12 +4,14 @@ One iteration of a request scheduled with ``num_draft_tokens = k > 0`` (see
 :mod:`cluster.model.speculative` for the two modes and the references):
 
 1. :meth:`SpecDecoder.draft`: up to ``k`` drafting passes over every such request of the batch at
-   once (pass ``t`` runs each request's ``t``-th row from layer 1 to its draft exit); each pass reads
-   its drafts to the host (one small transfer; with tensor parallelism rank 0's draws are broadcast).
+   once (pass ``t`` runs each request's ``t``-th row from layer 1 to its draft exit; ``layer_skip``
+   requests have passes of their own, one per draft step and skip set, through every layer but the
+   skipped ones); each pass reads its drafts to the host (one small transfer; with tensor
+   parallelism rank 0's draws are broadcast).
 2. The iteration's one forward (:func:`~cluster.model.exits.forward_with_exits`) runs, beside the
    other requests' decodes and prefill chunks, every draft row as a decode row that joins at the
-   depth its draft reached (:class:`~cluster.model.exits.Join`), so the full model's distribution
-   after each row is known.
+   depth its draft reached (:class:`~cluster.model.exits.Join`; ``layer_skip`` rows at depth 0: all
+   ``L`` layers), so the full model's distribution after each row is known.
 3. :meth:`SpecDecoder.accept` (rank 0): greedy or speculative-sampling acceptance.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cluster.distributed import broadcast_from_driver
 from cluster.model.exit_heads import ExitHeads
 from cluster.model.layers.sampler import host_to_device, process_logits
 from cluster.model.llama import LlamaForCausalLM
-from cluster.model.speculative import accept_greedy, accept_sampled, draft_forward
+from cluster.model.speculative import accept_greedy, accept_sampled, draft_forward, skip_draft_forward
 from cluster.worker.input_batch import HostBatch, InputPacker, RowState
 from cluster.worker.sampling_states import SamplingStates
 
@@ -32,7 +34,8 @@ class SpecDecoder:
     """Drafting and acceptance on one rank, beside the model runner.
 
     Args:
-        model, heads: the rank's model and its exit heads (None: no exit layers; ``verified`` drafting raises).
+        model, heads: the rank's model and its exit heads (None: no exit layers; ``verified`` drafting
+            raises; ``self_speculative`` and ``layer_skip`` use the final norm and the LM head).
         kv_caches: the rank's per-layer KV caches ``[2, num_blocks, block_size, KVH_local, d]``: the
             runner's list, which it refills in place when the cache is (re)allocated.
         packer: the runner's :class:`~cluster.worker.input_batch.InputPacker` (block size, device).
@@ -55,6 +58,49 @@ class SpecDecoder:
     def draft(self, srs: list[ScheduledRequest]) -> dict[str, RowState]:
         """Draft for ``srs`` (each with ``num_draft_tokens > 0`` and a ``spec``); returns each request's
         :class:`RowState` (``len(drafts) + 1`` rows). Writes the drafts' K/V of the layers they ran."""
+        skips = [sr for sr in srs if sr.spec.mode == "layer_skip"]
+        exits = [sr for sr in srs if sr.spec.mode != "layer_skip"]
+        st = self._draft_exits(exits) if exits else {}
+        if skips:
+            st.update(self._draft_skips(skips))
+        return st
+
+    def _draft_skips(self, srs: list[ScheduledRequest]) -> dict[str, RowState]:
+        """``layer_skip`` drafting: per skip set, one pass per draft step over its live requests'
+        newest rows (:func:`skip_draft_forward`). Every row joins the verification at depth 0."""
+        st = {sr.request_id: RowState(depths=[0], hidden=[None]) for sr in srs}
+        groups: dict[tuple[int, ...], list[ScheduledRequest]] = {}
+        for sr in srs:
+            groups.setdefault(sr.spec.skip_layers, []).append(sr)
+        for skip, live in groups.items():
+            kept = self.num_layers - len(skip)  # the "exit layer" of its drafts: the layers they ran
+            cur = {sr.request_id: sr.token_ids[0] for sr in live}
+            t = 0
+            while live:
+                host = HostBatch(ids=[cur[sr.request_id] for sr in live])
+                for sr in live:
+                    host.decode_row(sr.block_table, sr.start_position + t)
+                dev = self.packer.pack(host)
+                logits = skip_draft_forward(self.model, self.heads, dev.input_ids, dev.positions,
+                                            dev.attention_metadata(), self.kv_caches, skip)
+                toks, qs = self._draw(live, logits, list(range(len(live))), t)
+                nxt = []
+                for k, sr in enumerate(live):
+                    rs = st[sr.request_id]
+                    rs.drafts.append(toks[k])
+                    rs.draft_layers.append(kept)
+                    rs.q.append(qs[k])
+                    rs.depths.append(0)  # the draft's own row: all L layers in the verification
+                    rs.hidden.append(None)
+                    cur[sr.request_id] = toks[k]
+                    if len(rs.drafts) < sr.num_draft_tokens:
+                        nxt.append(sr)
+                live, t = nxt, t + 1
+        return st
+
+    def _draft_exits(self, srs: list[ScheduledRequest]) -> dict[str, RowState]:
+        """``verified`` / ``self_speculative`` drafting: passes from layer 1 to each row's exit
+        (:func:`draft_forward`), earlier rows that did not reach their draft depth riding along."""
         heads = self.heads
         last_exit = max(heads.cfg.exit_layers) if heads is not None else 0
         st = {sr.request_id: RowState() for sr in srs}
