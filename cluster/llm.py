@@ -69,12 +69,11 @@ class LLM:
         base = f"llm-{next(_batch_ids)}"
         exit_fields = _threshold_fields(exit_threshold)
         reqs = [self.processor.process(f"{base}-{i}", p, sp, **exit_fields) for i, (p, sp) in enumerate(zip(prompts, plist))]
-        reqs = [self.engine.validate(r) for r in reqs]  # validate all before queueing any
         results = {r.request_id: CompletionOutput(r.request_id, list(r.prompt_token_ids)) for r in reqs}
         done: set[str] = set()
         bar = tqdm(total=len(reqs), desc="generate", disable=not use_tqdm)
         try:
-            for r in reqs:
+            for r in reqs:  # the engine checks each as it queues it; a refusal aborts those queued
                 self.engine.add_request(r)
             while len(done) < len(reqs):
                 for out in self.engine.step():

@@ -73,7 +73,7 @@ class AsyncEngine:
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Stream :class:`RequestOutput` deltas of one request until it finishes.
 
-        Validation (:meth:`LLMEngine.validate`) happens before the first yield. Closing or
+        The engine's checks (:meth:`LLMEngine.add_request`) happen before the first yield. Closing or
         cancelling the iterator before the end aborts the request and frees its KV blocks. A failure
         of this request alone ends the stream with a delta whose ``finish_reason`` is ``error``.
 

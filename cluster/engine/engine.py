@@ -1,8 +1,11 @@
-"""The engine step loop: schedule -> run on all ranks -> update -> detokenize (nano-vllm shape).
+"""The engine step loop: schedule -> run on all ranks -> update -> one delta per request (nano-vllm shape).
 
-The engine is the single place a request is validated (:meth:`LLMEngine.validate`) and the single
-owner of per-request output state (incremental detokenizer, guided-decoding matcher). Its boundary
-is typed: :class:`~cluster.engine.protocol.EngineRequest` in, :class:`RequestOutput` deltas out.
+Its boundary is typed: :class:`~cluster.engine.protocol.EngineRequest` in (built and checked against
+the model by :class:`cluster.frontend.processor.Processor`), :class:`RequestOutput` deltas out. The
+engine makes the checks that need its own state, once, as it queues a request: the KV cache fit
+(:meth:`LLMEngine.fit_kv_cache`) and the request's :class:`~cluster.request.ExitPlan`
+(:meth:`LLMEngine.resolve_exit_plan`); it hangs a :class:`~cluster.engine.token_stream.TokenStream`
+(detokenizer, grammar) on each request, which the scheduler consults when it decides stops.
 
 Fault isolation: a failure while handling one request (detokenizing, grammar matching, sampling its
 row) finishes only that request, with ``finish_reason="error"``; a failure of the scheduler or of
@@ -100,9 +103,20 @@ class LLMEngine:
         return self.kv_capacity_tokens + 1 - num_prompt_tokens
 
     def validate(self, req: EngineRequest) -> EngineRequest:
-        """The engine's checks of a request built by :class:`cluster.frontend.processor.Processor`
-        (which did every check that needs only the model: ids, context window, sampling): the one KV
-        cache fit check and the exit plan.
+        """The engine's checks of a request, without queueing it (:meth:`add_request` makes them
+        once as it queues): the KV cache fit (:meth:`fit_kv_cache`) and the exit plan
+        (:meth:`resolve_exit_plan`). Returns the request as :meth:`fit_kv_cache` does.
+
+        Raises:
+            InvalidRequestError: see those two.
+        """
+        req = self.fit_kv_cache(req)
+        self.resolve_exit_plan(req)
+        return req
+
+    def fit_kv_cache(self, req: EngineRequest) -> EngineRequest:
+        """The one KV cache fit check of a request built by :class:`cluster.frontend.processor.Processor`
+        (which did every check that needs only the model: ids, context window, sampling).
 
         Returns the request, with ``max_tokens`` lowered to what the KV cache holds when
         ``req.max_tokens_is_default``.
@@ -110,8 +124,7 @@ class LLMEngine:
         Raises:
             InvalidRequestError: a prompt that does not fit in the KV cache (``prompt``) or a
                 sequence that could not fit in it (``max_tokens``), both ``context_length_exceeded``;
-                ``min_tokens`` above a lowered default ``max_tokens``; a bad exit plan
-                (:meth:`resolve_exit_plan`).
+                ``min_tokens`` above a lowered default ``max_tokens``.
         """
         n, sp = len(req.prompt_token_ids), req.sampling_params
         room = self.room_for(n)
@@ -125,7 +138,6 @@ class LLMEngine:
                                           f"{self.kv_capacity_tokens}; lower max_tokens or the prompt length",
                                           code="context_length_exceeded")
             req = req.model_copy(update={"sampling_params": lower_max_tokens(sp, room)})
-        self.resolve_exit_plan(req)
         return req
 
     # fixed cost of one extra forward pass (metadata, embedding, syncs), as a fraction of a decode step;
@@ -242,13 +254,14 @@ class LLMEngine:
             InvalidRequestError: see :meth:`validate`; a ``request_id`` already in use. Nothing is
                 queued then.
         """
-        request = self.validate(request)
+        request = self.fit_kv_cache(request)
+        plan = self.resolve_exit_plan(request)
         sp = request.sampling_params
         guided = self.guided_factory().create(sp.guided_decoding) if sp.guided_decoding is not None else None
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, stop=sp.stop,
                                        skip_special_tokens=sp.skip_special_tokens)
         req = Request(request.request_id, list(request.prompt_token_ids), sp, eos_token_ids=self.eos_token_ids,
-                      exit_plan=self.resolve_exit_plan(request), observer=TokenStream(detok, guided))
+                      exit_plan=plan, observer=TokenStream(detok, guided))
         try:
             self.scheduler.add_request(req)
         except ValueError as e:  # the scheduler owns the registry of unfinished requests

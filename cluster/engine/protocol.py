@@ -1,8 +1,8 @@
 """The engine's typed boundary (after vLLM v1's ``EngineCoreRequest`` / ``RequestOutput``).
 
-One :class:`EngineRequest` goes in; the engine validates it once against the model and its KV
-capacity (raising :class:`InvalidRequestError`) and answers with a stream of :class:`RequestOutput`
-deltas. Every front end (offline :class:`cluster.llm.LLM`, the Serve replica, the HTTP ingress) uses
+One :class:`EngineRequest` goes in, built once and checked against the model by
+:class:`cluster.frontend.processor.Processor`; the engine checks its KV cache fit (raising
+:class:`InvalidRequestError`) and answers with a stream of :class:`RequestOutput` deltas. Every front end (offline :class:`cluster.llm.LLM`, the Serve replica, the HTTP ingress) uses
 these types and nothing else: pure Python, pickled cheaply between Ray processes.
 """
 from __future__ import annotations
