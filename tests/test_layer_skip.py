@@ -10,17 +10,15 @@ layers 1, 2 (the ones that decide the token) makes drafts it mostly rejects.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 
 from cluster import SamplingParams
 from cluster.config import ExitConfig
 from cluster.engine.protocol import EngineRequest, InvalidRequestError
-from cluster.frontend.outputs import CompletionOutput
 from cluster.request import ExitPlan, default_skip_layers
 from tests.test_spec_decode import (GREEDY, NUM_LAYERS, PROMPTS, _restore_threads, assert_idle, exits,  # noqa: F401
-                                    full, make_llm, reference, request, run, spec_totals)
+                                    full, make_llm, reference, request, run, run_with_aborts, spec_totals)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -188,36 +186,10 @@ def test_aborts_during_drafting(damped_model_dir, full):
     blocks (the drafts' reserved slots included) are freed; the others go on unchanged."""
     ref = reference(full, PROMPTS[:4], GREEDY)
     llm = make_llm(damped_model_dir, skip_exits())
-    eng = llm.engine
     reqs = [request(llm, p) for p in PROMPTS[:4]]
     in_flight, between = reqs[1].request_id, reqs[3].request_id
-    run_model = eng.workers.execute_model
-    hit = []
-
-    def execute_then_abort(so):
-        out = run_model(so)
-        if not hit and any(sr.request_id == in_flight and sr.num_draft_tokens for sr in so.scheduled) \
-                and eng.scheduler.get_request(in_flight).num_verify_steps > 0:
-            hit.append(True)
-            eng.abort_request(in_flight)
-        return out
-
-    eng.workers.execute_model = execute_then_abort
     try:
-        res = {r.request_id: CompletionOutput(r.request_id, list(r.prompt_token_ids)) for r in reqs}
-        for r in reqs:
-            eng.add_request(r)
-        aborted = False
-        for _ in range(1000):
-            for out in eng.step():
-                res[out.request_id].add(out)
-            eng.check_integrity()
-            if not aborted and res[between].num_verify_steps >= 2:
-                eng.abort_request(between)
-                aborted = True
-                eng.check_integrity()
-            if not eng.has_unfinished_requests():
-                break
+        res, hit, aborted = run_with_aborts(llm, reqs, in_flight, between)
         assert hit and aborted
         for r, want in zip(reqs, ref):
             o = res[r.request_id]
@@ -228,7 +200,6 @@ def test_aborts_during_drafting(damped_model_dir, full):
                 assert o.finished and o.token_ids == want
         assert_idle(llm)
     finally:
-        eng.workers.execute_model = run_model
         llm.shutdown()
 
 
@@ -268,37 +239,19 @@ def test_speculative_sampling_matches_full_model(damped_model_dir):
     t = sqrt(ln(1000) / 2N) with probability <= 0.001; the first-token mass the exact sum leaves out is
     added. N = 384: about 0.19 (measured: 0.08). The drafts must be both accepted and rejected (else the acceptance
     rule is not exercised)."""
-    from tests.test_spec_sampling import SAMPLING_PROMPT, exact_second_token
+    from tests.test_spec_sampling import exact_second_token, sample_second_tokens, second_token_tv
 
     ec = exits(mode="layer_skip", skip_layers=SAMPLING_SKIP, num_draft_tokens=2, spec_max_batch=64)
-    llm = make_llm(damped_model_dir, ec, max_num_seqs=64, num_blocks=1024)
-    try:
-        prompt = llm.processor.tokenize(SAMPLING_PROMPT)
-        reqs = [EngineRequest(request_id=f"s{i}", prompt_token_ids=prompt,
-                              sampling_params=SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True))
-                for i in range(NUM_SAMPLES)]
-        outs = run(llm, reqs)
-        assert_idle(llm)
-    finally:
-        llm.shutdown()
-    assert all(len(o.token_ids) == 4 and o.num_verify_steps >= 1 for o in outs)
+    prompt, outs = sample_second_tokens(damped_model_dir, ec, NUM_SAMPLES)
     acc, _ = spec_totals(outs)
     assert 0.05 < acc < 0.95, acc
     kept = NUM_LAYERS - len(SAMPLING_SKIP)
     assert {o.exit_layers[1] for o in outs} == {kept, NUM_LAYERS}  # accepted and redrawn second tokens
 
     p2, left_out = (lambda ex: (ex.p2, ex.left_out))(exact_second_token(damped_model_dir, prompt, 1))
-    bins = (p2 >= 0.01).nonzero().flatten().tolist()
-    assert len(bins) >= 3
-    p = [float(p2[b]) for b in bins]
-    p.append(max(0.0, 1.0 - sum(p)))
-    counts = [0] * (len(bins) + 1)
-    where = {b: i for i, b in enumerate(bins)}
-    for o in outs:
-        counts[where.get(o.token_ids[1], len(bins))] += 1
-    tv = 0.5 * sum(abs(c / NUM_SAMPLES - x) for c, x in zip(counts, p))
-    bound = (0.5 * sum(math.sqrt(x * (1 - x) / NUM_SAMPLES) for x in p)
-             + math.sqrt(math.log(1000) / (2 * NUM_SAMPLES)) + left_out)
+    b = second_token_tv(outs, p2, left_out)
+    p, tv, bound = b.p, b.tv, b.bound
+    counts = [round(x * NUM_SAMPLES) for x in b.emp]
     assert bound < 0.25, bound
     assert tv <= bound, (tv, bound, counts, p)
 

@@ -271,27 +271,26 @@ def test_abort_during_speculation(damped_model_dir, full):
         llm.shutdown()
 
 
-def test_abort_while_verifying(damped_model_dir, full):
-    """An abort that lands while the model runs an iteration in which the request's drafts are being
-    verified (between ``schedule()`` and ``update()``): its result is dropped, its blocks (with the
-    drafts' slots) are freed, the other requests of that batch go on unchanged."""
-    ref = reference(full, PROMPTS[:3], GREEDY)
-    llm = make_llm(damped_model_dir, exits(mode="self_speculative"))
+def run_with_aborts(llm: LLM, reqs: list[EngineRequest], in_flight: str, between: Optional[str] = None,
+                    between_after: int = 2) -> tuple[dict[str, CompletionOutput], bool, bool]:
+    """Drive ``reqs`` to the end, aborting ``in_flight`` while an iteration that verifies its drafts
+    runs (between ``schedule()`` and ``update()``, after it verified once) and ``between`` between two
+    iterations once it verified ``between_after`` times; the block manager is checked every step.
+    Returns ``(outputs by id, in_flight was aborted mid-iteration, between was aborted)``."""
     eng = llm.engine
-    reqs = [request(llm, p) for p in PROMPTS[:3]]
-    victim = reqs[1].request_id
     run_model = eng.workers.execute_model
     hit = []
 
     def execute_then_abort(so):
         out = run_model(so)
-        if not hit and any(sr.request_id == victim and sr.num_draft_tokens for sr in so.scheduled) \
-                and eng.scheduler.get_request(victim).num_verify_steps > 0:
+        if not hit and any(sr.request_id == in_flight and sr.num_draft_tokens for sr in so.scheduled) \
+                and eng.scheduler.get_request(in_flight).num_verify_steps > 0:
             hit.append(True)
-            eng.abort_request(victim)
+            eng.abort_request(in_flight)
         return out
 
     eng.workers.execute_model = execute_then_abort
+    aborted = False
     try:
         res = {r.request_id: CompletionOutput(r.request_id, list(r.prompt_token_ids)) for r in reqs}
         for r in reqs:
@@ -300,8 +299,27 @@ def test_abort_while_verifying(damped_model_dir, full):
             for out in eng.step():
                 res[out.request_id].add(out)
             eng.check_integrity()
+            if between is not None and not aborted and res[between].num_verify_steps >= between_after:
+                eng.abort_request(between)
+                aborted = True
+                eng.check_integrity()
             if not eng.has_unfinished_requests():
                 break
+    finally:
+        eng.workers.execute_model = run_model
+    return res, bool(hit), aborted
+
+
+def test_abort_while_verifying(damped_model_dir, full):
+    """An abort that lands while the model runs an iteration in which the request's drafts are being
+    verified (between ``schedule()`` and ``update()``): its result is dropped, its blocks (with the
+    drafts' slots) are freed, the other requests of that batch go on unchanged."""
+    ref = reference(full, PROMPTS[:3], GREEDY)
+    llm = make_llm(damped_model_dir, exits(mode="self_speculative"))
+    reqs = [request(llm, p) for p in PROMPTS[:3]]
+    victim = reqs[1].request_id
+    try:
+        res, hit, _ = run_with_aborts(llm, reqs, victim)
         assert hit, "the victim never verified drafts"
         v = res[victim]
         assert not v.finished and 0 < len(v.token_ids) < GREEDY.max_tokens
@@ -311,7 +329,6 @@ def test_abort_while_verifying(damped_model_dir, full):
                 assert res[r.request_id].finished and res[r.request_id].token_ids == want
         assert_idle(llm)
     finally:
-        eng.workers.execute_model = run_model
         llm.shutdown()
 
 

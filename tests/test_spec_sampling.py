@@ -63,6 +63,57 @@ def exact_second_token(model_dir: str, prompt_ids: list[int], draft_layer: int) 
     return SecondToken(first, top.values[:m], p, q)
 
 
+def sample_second_tokens(model_dir: str, ec, num_samples: int) -> tuple[list[int], list]:
+    """``num_samples`` seeded requests at temperature 1 (4 tokens each: the prefill's token, 2 drafts
+    and the full model's token) under exit config ``ec``; returns ``(prompt ids, outputs)`` after
+    checking that nothing leaked and every request verified drafts. (With max_tokens 2 there would
+    be no draft at all: drafts never pass max_tokens.)"""
+    llm = make_llm(model_dir, ec, max_num_seqs=64, num_blocks=1024)
+    try:
+        prompt = llm.processor.tokenize(SAMPLING_PROMPT)
+        reqs = [EngineRequest(request_id=f"s{i}", prompt_token_ids=prompt,
+                              sampling_params=SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True))
+                for i in range(num_samples)]
+        outs = run(llm, reqs)
+        assert_idle(llm)
+    finally:
+        llm.shutdown()
+    assert all(len(o.token_ids) == 4 and o.num_verify_steps >= 1 for o in outs)
+    return prompt, outs
+
+
+@dataclass
+class BinnedTV:
+    """The 2nd token's empirical distribution against the exact ``p2``, binned (tokens with exact
+    probability >= 0.01, plus one bin for the rest), with the bound of the tests' docstrings."""
+
+    bins: list[int]
+    p: list[float]  # exact, binned
+    emp: list[float]  # empirical, binned
+    tv: float
+    bound: float
+
+    def binned(self, dist: torch.Tensor) -> list[float]:
+        x = [float(dist[b]) for b in self.bins]
+        return x + [max(0.0, 1.0 - sum(x))]
+
+
+def second_token_tv(outs, p2: torch.Tensor, left_out: float) -> BinnedTV:
+    n = len(outs)
+    bins = (p2 >= 0.01).nonzero().flatten().tolist()
+    assert len(bins) >= 3
+    b = BinnedTV(bins, [], [], 0.0, 0.0)
+    b.p = b.binned(p2)
+    counts = [0] * (len(bins) + 1)
+    where = {t: i for i, t in enumerate(bins)}
+    for o in outs:
+        counts[where.get(o.token_ids[1], len(bins))] += 1
+    b.emp = [c / n for c in counts]
+    b.tv = 0.5 * sum(abs(a - x) for a, x in zip(b.emp, b.p))
+    b.bound = (0.5 * sum(math.sqrt(x * (1 - x) / n) for x in b.p) + math.sqrt(math.log(1000) / (2 * n)) + left_out)
+    return b
+
+
 def test_speculative_sampling_matches_full_model(damped_model_dir):
     """The 2nd generated token (the first one speculation produces: drafted at layer 1, accepted with
     probability min(1, p/q), else redrawn from norm(max(0, p - q))) of ``NUM_SAMPLES`` seeded requests at
@@ -78,19 +129,7 @@ def test_speculative_sampling_matches_full_model(damped_model_dir):
     ``E[sum min(p, q)]`` within 4 standard deviations."""
     draft_layer = 1  # accepts ~1/3 of the first drafts here: naive acceptance would be far off
     ec = exits(mode="self_speculative", draft_layer=draft_layer, num_draft_tokens=2, spec_max_batch=64)
-    llm = make_llm(damped_model_dir, ec, max_num_seqs=64, num_blocks=1024)
-    try:
-        prompt = llm.processor.tokenize(SAMPLING_PROMPT)
-        # max_tokens 4: after the prefill's token, 2 drafts + the full model's token (with max_tokens
-        # 2 there would be no draft at all: drafts never pass max_tokens)
-        reqs = [EngineRequest(request_id=f"s{i}", prompt_token_ids=prompt,
-                              sampling_params=SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True))
-                for i in range(NUM_SAMPLES)]
-        outs = run(llm, reqs)
-        assert_idle(llm)
-    finally:
-        llm.shutdown()
-    assert all(len(o.token_ids) == 4 and o.num_verify_steps >= 1 for o in outs)
+    prompt, outs = sample_second_tokens(damped_model_dir, ec, NUM_SAMPLES)
     acc, _ = spec_totals(outs)
     assert 0.1 < acc < 0.9, acc  # drafting happened, and drafts were both accepted and rejected
 
@@ -109,23 +148,9 @@ def test_speculative_sampling_matches_full_model(damped_model_dir):
     outside = [(i, y) for i, y in redrawn if float(ex.q[i, y] - ex.p[i, y]) > 1e-4]
     assert not outside, f"{len(outside)} of {len(redrawn)} replacements outside the residual's support"
 
-    bins = (p2 >= 0.01).nonzero().flatten().tolist()
-    assert len(bins) >= 3
-
-    def binned(dist: torch.Tensor) -> list[float]:
-        x = [float(dist[b]) for b in bins]
-        return x + [max(0.0, 1.0 - sum(x))]
-
-    counts = [0] * (len(bins) + 1)
-    where = {b: i for i, b in enumerate(bins)}
-    for o in outs:
-        counts[where.get(o.token_ids[1], len(bins))] += 1
-    emp = [c / NUM_SAMPLES for c in counts]
-    p = binned(p2)
-    tv = 0.5 * sum(abs(a - b) for a, b in zip(emp, p))
-    bound = (0.5 * sum(math.sqrt(x * (1 - x) / NUM_SAMPLES) for x in p)
-             + math.sqrt(math.log(1000) / (2 * NUM_SAMPLES)) + left_out)
-    naive = 0.5 * sum(abs(a - b) for a, b in zip(binned(q2), p))
+    b = second_token_tv(outs, p2, left_out)
+    p, emp, tv, bound = b.p, b.emp, b.tv, b.bound
+    naive = 0.5 * sum(abs(a - x) for a, x in zip(b.binned(q2), p))
     assert bound < 0.2, bound
     assert naive > 2 * bound, (naive, bound)  # the test has the power to see naive acceptance
     assert tv <= bound, (tv, bound, emp, p)
