@@ -53,6 +53,12 @@ class ModelConfig:
         if self.quant_group_size not in (32, 64, 128):
             raise ValueError(f"quant_group_size: must be 32, 64 or 128, got {self.quant_group_size}")
 
+    def stop_ids_with(self, tokenizer) -> tuple[int, ...]:
+        """The model's EOS ids (from its config), else the tokenizer's ``eos_token_id``, else none."""
+        if self.eos_token_ids:
+            return tuple(self.eos_token_ids)
+        return (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+
     @classmethod
     def from_hf_config(cls, hf_config, dtype: str = "float32", max_model_len: Optional[int] = None,
                        quantization: str = "none", quant_group_size: int = 32,

@@ -79,8 +79,7 @@ class LLMEngine:
                     if report.total_bytes else "")
         self._guided_factory = None
         self._draft_rows: Optional[int] = None  # rows of the drafts' LM head (FR-Spec), read once
-        self.eos_token_ids = tuple(model_config.eos_token_ids) or (
-            (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+        self.eos_token_ids = model_config.stop_ids_with(tokenizer)
 
     # ----------------------------------------------------------------------------------- requests
     @property

@@ -39,8 +39,7 @@ class Processor:
         self.tokenizer = tokenizer
         self.vocab_size = model_config.vocab_size
         self.max_model_len = model_config.max_model_len
-        self._eos = tuple(model_config.eos_token_ids) or (
-            (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+        self._eos = model_config.stop_ids_with(tokenizer)
         self._guided_factory = guided_factory
 
     # ------------------------------------------------------------------------------ prompts -> ids
