@@ -106,20 +106,21 @@ class ExitHeads(nn.Module):
         if cfg.head == "trained":
             state = load_file(cfg.heads_path)
             mc = model.config
-            for layer in cfg.exit_layers:
-                key = f"exits.{layer}.down.weight"
-                if key not in state:
-                    raise ValueError(f"heads_path {cfg.heads_path} has no head for exit layer {layer}")
+
+            def part(cls, prefix: str, first: str, what: str, layer: int) -> nn.Module:
+                """Module ``cls`` of exit layer ``layer`` from ``state[prefix + ...]`` on the model's
+                device and dtype; its width is read from the tensor ``prefix + first``."""
+                if prefix + first not in state:
+                    raise ValueError(f"heads_path {cfg.heads_path} has no {what} for exit layer {layer}")
                 with torch.device(device):
-                    head = TrainedExitHead(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
-                self.heads[str(layer)] = _load_prefixed(head, state, f"exits.{layer}.").to(dtype)
+                    module = cls(mc.hidden_size, state[prefix + first].shape[0], mc.rms_norm_eps)
+                return _load_prefixed(module, state, prefix).to(dtype)
+
+            for layer in cfg.exit_layers:
+                self.heads[str(layer)] = part(TrainedExitHead, f"exits.{layer}.", "down.weight", "head", layer)
                 if cfg.confidence == "classifier":
-                    key = f"exit_classifiers.{layer}.fc1.weight"
-                    if key not in state:
-                        raise ValueError(f"heads_path {cfg.heads_path} has no exit classifier for layer {layer}")
-                    with torch.device(device):
-                        clf = ExitClassifier(mc.hidden_size, state[key].shape[0], mc.rms_norm_eps)
-                    self.classifiers[str(layer)] = _load_prefixed(clf, state, f"exit_classifiers.{layer}.").to(dtype)
+                    self.classifiers[str(layer)] = part(ExitClassifier, f"exit_classifiers.{layer}.", "fc1.weight",
+                                                        "exit classifier", layer)
         # per exit layer: the threshold that replaces the config's default threshold
         self.layer_thresholds = {l: cfg.threshold_for(l) for l in cfg.exit_layers}
         # FR-Spec reduced-vocabulary head for drafts (cluster.model.frspec), if the heads file has one
