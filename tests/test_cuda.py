@@ -144,3 +144,54 @@ def test_tensor_parallel_2_nccl_matches_1(ray_session, tiny_model_dir, early_exi
             llm.shutdown()
 
     assert run(2) == run(1)
+
+
+@pytest.mark.parametrize("mode", ["verified", "self_speculative", "layer_skip"])
+def test_lossless_modes_equal_full_model(damped_model_dir, mode):
+    """Every lossless mode on CUDA, alone and in one batch with the other modes, a lossy request and a
+    full-model request: greedy tokens equal the full model's on CUDA, drafts are accepted, and every
+    KV block comes back (the drafting passes, rollback and the packer on the device)."""
+    from cluster.engine.protocol import EngineRequest
+    from test_spec_decode import PROMPTS as SPEC_PROMPTS, exits, run, spec_totals
+
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    full = LLM(damped_model_dir, early_exit=None, block_size=4, num_blocks=512, **CUDA)
+    try:
+        ref = [o.token_ids for o in full.generate(SPEC_PROMPTS[:5], sp)]
+    finally:
+        full.shutdown()
+    llm = LLM(damped_model_dir, early_exit=exits(mode=mode, skip_layers=(3, 4, 5)), block_size=4, num_blocks=512,
+              **CUDA)
+    try:
+        ids = [llm.processor.tokenize(p) for p in SPEC_PROMPTS[:5]]
+        alone = run(llm, [EngineRequest(request_id=f"{mode}-alone", prompt_token_ids=ids[0], sampling_params=sp)])
+        assert alone[0].token_ids == ref[0]
+        kinds = [dict(exit_mode=mode), dict(early_exit=False), dict(exit_mode="paper", exit_threshold=1.0),
+                 dict(exit_mode="verified"), dict(exit_mode="layer_skip")]
+        mixed = run(llm, [EngineRequest(request_id=f"{mode}-mixed-{i}", prompt_token_ids=ids[i], sampling_params=sp,
+                                        **kw) for i, kw in enumerate(kinds)])
+        assert [o.token_ids for o in mixed] == ref
+        acc, tpv = spec_totals(alone + [mixed[0]])
+        assert acc > 0.3 and tpv > 1.5, (acc, tpv)
+        llm.engine.check_integrity()
+        assert llm.engine.scheduler.block_manager.usage == 0.0
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_compiled_layers_match_eager(tiny_model_dir, quantization):
+    """``torch_compile=True`` on CUDA (Inductor's Triton kernels): the same greedy tokens as eager with
+    early exit on, logprobs within float tolerance."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=1)
+    outs = {}
+    for compiled in (False, True):
+        llm = LLM(tiny_model_dir, early_exit=EE, block_size=4, num_blocks=512, torch_compile=compiled,
+                  quantization=quantization, device="cuda", dtype="bfloat16" if quantization == "int4" else "float32")
+        try:
+            outs[compiled] = llm.generate(PROMPTS[:4], params)
+        finally:
+            llm.shutdown()
+    for e, c in zip(outs[False], outs[True]):
+        assert e.token_ids == c.token_ids
+        assert e.exit_layers == c.exit_layers
