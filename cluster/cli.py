@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from cluster.request import EXIT_MODES
+from cluster.request import DEFAULT_MODES
 from cluster.training.cli import add_calibrate_parser, add_train_exits_parser
 
 
@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--threshold", type=float, default=None, help="override the exit confidence threshold")
     g.add_argument("--no-early-exit", action="store_true", help="run the full model")
-    g.add_argument("--exit-mode", default=None, choices=EXIT_MODES,
+    g.add_argument("--exit-mode", default=None, choices=DEFAULT_MODES,
                    help="early-exit mode (default: the model's exit config's); verified, self_speculative and "
-                        "layer_skip are lossless: the full model's output, drafts only speed it up")
+                        "layer_skip are lossless: the full model's output, drafts only speed it up; full: the "
+                        "full model")
     g.add_argument("--draft-layer", type=int, default=None,
                    help="self_speculative: the exit layer whose head drafts (default: the first exit layer)")
     g.add_argument("--skip-layers", type=int, nargs="+", default=None, metavar="LAYER",

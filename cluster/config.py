@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from cluster.request import EXIT_MODES, LOSSLESS_MODES, LOSSY_MODES, ExitMode, LossyMode
+from cluster.request import DEFAULT_MODES, LOSSLESS_MODES, LOSSY_MODES, DefaultMode, LossyMode
 
 ConfidenceMeasure = Literal["max_prob", "top2_margin", "classifier"]
 CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "classifier")
@@ -216,7 +216,8 @@ class ExitConfig:
             receive KV fill. Both are lossy: an exit's token is final. Stop tokens (EOS, a request's
             ``stop_token_ids``) are only emitted at full depth: a row whose exit argmax is one keeps
             computing (it is re-run from its exit layer to the last layer in the same iteration).
-        mode: None (the lossy ``policy``), ``paper`` / ``per_sequence`` (lossy, sets the policy), or a
+        mode: the mode of requests that name none: ``full`` (the full model; requests may still ask
+            for any mode), None (the lossy ``policy``), ``paper`` / ``per_sequence`` (lossy, sets the policy), or a
             lossless speculative mode whose greedy output equals the full model's token for token:
             ``verified`` (AdaDecode, Wei et al. ICML 2025: a token whose exit is confident is a draft;
             drafting goes on until an exit is not confident or ``num_draft_tokens`` drafts exist; the
@@ -256,7 +257,7 @@ class ExitConfig:
     threshold: float = 0.9
     policy: LossyMode = "paper"
     layer_thresholds: Optional[tuple[float, ...]] = None
-    mode: Optional[ExitMode] = None
+    mode: Optional[DefaultMode] = None
     draft_layer: Optional[int] = None
     num_draft_tokens: int = 4
     spec_max_batch: int = 1
@@ -265,8 +266,8 @@ class ExitConfig:
     skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.mode is not None and self.mode not in EXIT_MODES:
-            raise ValueError(f"mode must be one of {EXIT_MODES}, got {self.mode!r}")
+        if self.mode is not None and self.mode not in DEFAULT_MODES:
+            raise ValueError(f"mode must be one of {DEFAULT_MODES}, got {self.mode!r}")
         if self.mode in LOSSY_MODES:
             object.__setattr__(self, "policy", self.mode)
         if self.num_draft_tokens < 1:

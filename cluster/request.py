@@ -18,6 +18,11 @@ ExitMode = Literal[LossyMode, LosslessMode]
 LOSSY_MODES: tuple[str, ...] = get_args(LossyMode)
 LOSSLESS_MODES: tuple[str, ...] = get_args(LosslessMode)
 EXIT_MODES: tuple[str, ...] = get_args(ExitMode)
+# What a request that names no mode gets, set by an exit config or a server: an exit mode, or "full" (the
+# full model; requests may still ask for a mode). The default model ships "full" where no mode measured
+# faster than it (README, "Which early-exit mode by default").
+DefaultMode = Literal[ExitMode, "full"]
+DEFAULT_MODES: tuple[str, ...] = get_args(DefaultMode)
 
 
 def default_skip_layers(num_layers: int) -> tuple[int, ...]:

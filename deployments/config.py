@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.engine.protocol import MAX_DRAFT_TOKENS
-from cluster.request import ExitMode
+from cluster.request import DefaultMode
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "EESERVE_API_KEY"
@@ -42,9 +42,10 @@ class ServeArgs(BaseModel):
     max_model_len: Optional[int] = Field(None, ge=2)
     early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")
     exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")
-    exit_mode: Optional[ExitMode] = Field(
+    exit_mode: Optional[DefaultMode] = Field(
         None, description="default early-exit mode of requests (replaces the model's exit config's mode); None: the "
-                          "model's. verified / self_speculative / layer_skip are lossless: the full model's output")
+                          "model's. verified / self_speculative / layer_skip are lossless: the full model's output; "
+                          "full: the full model unless a request names a mode")
     draft_layer: Optional[int] = Field(None, ge=1, description="self_speculative: the drafting exit layer; None: the "
                                                                 "model's (its first exit layer)")
     num_draft_tokens: Optional[int] = Field(

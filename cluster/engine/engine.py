@@ -196,7 +196,7 @@ class LLMEngine:
             raise InvalidRequestError("early_exit", "early_exit.draft_layer: only with mode 'self_speculative' "
                                       "(layer_skip drafts with every layer but skip_layers)")
         thr = req.exit_threshold
-        if not req.early_exit:
+        if not req.early_exit or mode == "full":
             return FULL_MODEL
         if not lossless:
             return FULL_MODEL if ec is None else ExitPlan(mode or ec.policy, threshold=thr)
