@@ -114,3 +114,24 @@ def test_overhead_fit_recovers_a_line():
     f = fit_overhead({2: 3.0 + 2 * 0.5, 8: 3.0 + 8 * 0.5, 30: 3.0 + 30 * 0.5})
     assert f["fixed_ms"] == pytest.approx(3.0) and f["per_layer_ms"] == pytest.approx(0.5)
     assert f["max_residual_ms"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_spec_bench_compares_every_mode_against_the_full_model(tiny_model_dir, tmp_path, monkeypatch):
+    """bench.spec on the tiny model: one row per (variant, batch), the lossless variants' answers equal
+    the full model's, and the frontier plot is written even into a results folder that does not exist yet."""
+    monkeypatch.setenv("EESERVE_BENCH_RESULTS", str(tmp_path / "new"))
+    import bench.spec
+
+    bench.spec.main(["--model", tiny_model_dir, "--quantization", "none", "--batch-sizes", "1", "2",
+                     "--max-tokens", "6", "--num-prompts", "2", "--repeats", "2", "--layer-prompts", "1",
+                     "--lossy-thresholds", "--name", "tiny-spec"])
+    data = json.loads((tmp_path / "new" / "tiny-spec.json").read_text())
+    rows = {(r["variant"], r["batch"]): r for r in data["rows"]}
+    for b in (1, 2):
+        assert {"full", "default", "lossy", "verified", "self_spec", "layer_skip"} <= {v for v, bb in rows if bb == b}
+        assert rows[("full", b)]["speedup_vs_full"] == 1.0
+        for v in ("verified", "self_spec", "layer_skip"):
+            assert rows[(v, b)]["exact_match"] == 1.0, v
+    assert (tmp_path / "new" / "tiny-spec-frontier.png").exists()
+    assert data["draft_layers"][-1]["draft_layer"].startswith("skip")

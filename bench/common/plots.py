@@ -132,5 +132,6 @@ def plot_frontier(rows: list[dict], path) -> None:
     ax.set_title("early-exit modes: speed vs quality (lossless modes sit at ROUGE-L 1)")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
