@@ -200,7 +200,7 @@ def run_calibrate_skip(args) -> int:
 
     _setup(args)
     data = DataSettings(num_calib=args.num_calib, num_test=args.num_test, split_seed=args.split_seed,
-                        max_new_tokens=max(args.max_new_tokens, DataSettings().max_new_tokens))
+                        max_new_tokens=args.max_new_tokens)
     rec = calibrate_skip(args.model, args.config, args.quantization, trials=args.trials, seed=args.seed,
                          num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, data=data,
                          work_dir=args.work_dir, confirm_prompts=args.confirm_prompts, write=not args.no_write,

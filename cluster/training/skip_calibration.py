@@ -54,10 +54,8 @@ def calibrate_skip(model: Optional[str] = None, config_path: Optional[str] = Non
     """
     from cluster.engine.factory import model_exit_config_path, read_exit_config
     from cluster.llm import LLM
-    from cluster.model.exit_heads import ExitHeads
-    from cluster.model.loader import build_model, resolve_model_dir
+    from cluster.model.loader import resolve_model_dir
     from cluster.training.data import GenerationCache, generate_answers
-    from cluster.training.features import decode_rows
 
     t0 = time.monotonic()
     model_dir = resolve_model_dir(model)
@@ -69,17 +67,58 @@ def calibrate_skip(model: Optional[str] = None, config_path: Optional[str] = Non
     L = ws.model_config.num_layers
     if L < 3:
         raise ValueError(f"calibrate-skip: a {L}-layer model has no layer between the first and the last to skip")
-    prompts = ws.splits["calib"][:num_prompts]
-    seqs = generate_answers(ws._engine, prompts, GenerationCache(ws.work_dir), ws.data.max_new_tokens,
-                            progress=progress)
-    seqs = [dataclasses.replace(s, output_ids=s.output_ids[:max_new_tokens]) for s in seqs]
     k = ec.num_draft_tokens
+    # one engine: the full model's answers (cached), the draft cost, the confirmation (one request at a time:
+    # speculation runs at batch 1, spec_max_batch)
     base = dataclasses.replace(ec, mode="layer_skip", adaptive_drafts=False, skip_layers=())
-    engine_kw = dict(max_num_seqs=1, kv_cache_memory_bytes=kv_cache_bytes(
-        ws.model_config, [len(s.prompt_ids) + max_new_tokens for s in seqs[:1]]))
-    llm = LLM(model_dir, early_exit=base, quantization=quantization, **engine_kw)
-    mc = llm.engine.model_config
-    draft_cost = lambda skip: llm.engine.draft_cost(None, skip)  # noqa: E731  (the engine's own cost model)
+    prompts = ws.splits["calib"][:num_prompts]
+    llm = LLM(model_dir, early_exit=base, quantization=quantization, max_num_seqs=16,
+              kv_cache_memory_bytes=kv_cache_bytes(ws.model_config, [512 + ws.data.max_new_tokens] * 16))
+    try:
+        seqs = generate_answers(lambda: _FullModel(llm), prompts, GenerationCache(ws.work_dir),
+                                ws.data.max_new_tokens, chunk_size=16, progress=progress)
+        seqs = [dataclasses.replace(s, output_ids=s.output_ids[:max_new_tokens]) for s in seqs]
+        mc = llm.engine.model_config
+        record = _search(llm, model_dir, mc, ec, seqs, k, max_new_tokens, trials, seed, progress, log)
+        if confirm_prompts:
+            record["engine"] = _confirm(llm, record["skip_layers"], seqs[:confirm_prompts], max_new_tokens,
+                                        record["skip_acceptance"], k)
+    finally:
+        llm.shutdown()
+    record = {**record, "split": {"name": "calib", **ws.data.splits_meta()}, "total_s": round(time.monotonic() - t0, 1)}
+    if write:
+        raw["skip_layers"] = record["skip_layers"]
+        raw["skip_calibration"] = record
+        write_exit_config(config_path, raw)
+        log(f"calibrate-skip: wrote skip_layers {record['skip_layers']} into {config_path}")
+    return record
+
+
+class _FullModel:
+    """The search's engine as :func:`~cluster.training.data.generate_answers` wants it: full-model
+    greedy answers, and no shutdown (the search goes on with it)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def apply_chat_template(self, conversation):
+        return self.llm.apply_chat_template(conversation)
+
+    def generate(self, prompts, params, use_tqdm=False):
+        return self.llm.generate(prompts, params, use_tqdm, exit_threshold=float("inf"))
+
+    def shutdown(self):
+        pass
+
+
+def _search(llm, model_dir: str, mc, ec: ExitConfig, seqs, k: int, max_new_tokens: int, trials: int, seed: int, progress: bool,
+            log: Callable[[str], None]) -> dict:
+    """Score skip sets on ``seqs`` (:class:`SkipScorer` on a model built as ``llm``'s, its draft cost)."""
+    from cluster.model.exit_heads import ExitHeads
+    from cluster.model.loader import build_model
+    from cluster.training.features import decode_rows
+
+    L = mc.num_layers
     net = build_model(model_dir, mc)
     heads = ExitHeads(net, ec) if ec.exit_layers else None
     t1 = time.monotonic()
@@ -88,32 +127,21 @@ def calibrate_skip(model: Optional[str] = None, config_path: Optional[str] = Non
         f"{mc.quantization} weights, k={k}; full-model pass {time.monotonic() - t1:.1f}s")
     given = [default_skip_layers(L)] + ([ec.skip_layers] if ec.skip_layers else [])
     t1 = time.monotonic()
-    cands = search_skip_sets(scorer.acceptance, draft_cost, L, k, trials=trials, seed=seed, given=given,
-                             progress=progress)
+    cands = search_skip_sets(scorer.acceptance, lambda skip: llm.engine.draft_cost(None, skip), L, k,
+                             trials=trials, seed=seed, given=given, progress=progress)
     search_s = time.monotonic() - t1
-    llm.shutdown()
-    del scorer, net, heads
     best = cands[0]
     record = {"method": "SWIFT-style search (arXiv 2410.06916): single-layer skips, greedy by single-skip "
                         "acceptance, then optuna TPE; acceptance = teacher-forced draft argmax agreement with the "
                         "full model", "quantization": mc.quantization, "prompts": len(seqs),
               "max_new_tokens": max_new_tokens, "positions": int(sum(len(decode_rows(s)) for s in seqs)),
-              "split": {"name": "calib", **ws.data.splits_meta()}, "trials": len(cands), "seed": seed,
+              "trials": len(cands), "seed": seed,
               "search_s": round(search_s, 1), "skip_layers": list(best.skip), "skip_acceptance": best.acceptance,
               "skip_draft_cost": best.draft_cost, "skip_ratio": best.skip_ratio, "num_draft_tokens": k,
               "tokens_per_verification": best.tokens_per_verification, "modelled_speedup": best.speedup,
               "source": best.source, "top": [c.as_dict() for c in cands[:5]],
               "by_size": {str(n): (c.as_dict() if c else None) for n, c in best_per_size(cands, TABLE_SIZES).items()},
               "default_rule": next((c.as_dict() for c in cands if c.skip == default_skip_layers(L)), None)}
-    if confirm_prompts:
-        record["engine"] = _confirm(LLM, model_dir, dataclasses.replace(base, skip_layers=best.skip), quantization,
-                                    engine_kw, seqs[:confirm_prompts], max_new_tokens, best.acceptance, k)
-    record["total_s"] = round(time.monotonic() - t0, 1)
-    if write:
-        raw["skip_layers"] = list(best.skip)
-        raw["skip_calibration"] = record
-        write_exit_config(config_path, raw)
-        log(f"calibrate-skip: wrote skip_layers {list(best.skip)} into {config_path}")
     return record
 
 
@@ -130,20 +158,25 @@ def _read_or_default(path: str, model_dir: str, read_exit_config) -> tuple[ExitC
     return ec, raw
 
 
-def _confirm(LLM, model_dir: str, ec: ExitConfig, quantization: str, engine_kw: dict, seqs, max_new_tokens: int,
-             estimate: float, k: int) -> dict:
-    """The engine's measured acceptance of ``ec.skip_layers`` (fixed ``k`` drafts, batch 1) on ``seqs``'s
-    prompts, next to what the estimate ``estimate`` predicts (:func:`predicted_engine_stats`)."""
+def _confirm(llm, skip: list, seqs, max_new_tokens: int, estimate: float, k: int) -> dict:
+    """The engine's measured acceptance of the skip set ``skip`` (``llm``'s ``k`` drafts, fixed, at batch 1:
+    one request at a time) on ``seqs``'s prompts, next to what the estimate ``estimate`` predicts
+    (:func:`predicted_engine_stats`)."""
+    from cluster.frontend.outputs import CompletionOutput
     from cluster.sampling import SamplingParams
 
-    llm = LLM(model_dir, early_exit=ec, quantization=quantization, **engine_kw)
-    try:
-        t = time.monotonic()
-        outs = llm.generate([list(s.prompt_ids) for s in seqs], SamplingParams(max_tokens=max_new_tokens,
-                                                                                temperature=0.0))
-        wall = time.monotonic() - t
-    finally:
-        llm.shutdown()
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    outs = []
+    t = time.monotonic()
+    for s in seqs:
+        rid = llm.add_request(list(s.prompt_ids), params, exit_mode="layer_skip", skip_layers=tuple(skip))
+        out = CompletionOutput(rid, list(s.prompt_ids))
+        while not out.finished:
+            for delta in llm.engine.step():
+                if delta.request_id == rid:
+                    out.add(delta)
+        outs.append(out)
+    wall = time.monotonic() - t
     drafts = sum(o.num_draft_tokens for o in outs)
     accepted = sum(o.num_accepted_tokens for o in outs)
     verifies = sum(o.num_verify_steps for o in outs)
