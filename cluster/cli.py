@@ -2,7 +2,8 @@
 
 * ``eeserve generate "prompt"``: offline generation on the default (or given) model; prints the
   completion and its exit statistics.
-* ``eeserve train-exits`` / ``eeserve calibrate``: exit-head training and threshold calibration.
+* ``eeserve train-exits`` / ``eeserve calibrate``: exit-head training and threshold calibration;
+  ``eeserve calibrate-skip``: layer_skip's skip-set search.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import time
 
 from cluster.request import DEFAULT_MODES
-from cluster.training.cli import add_calibrate_parser, add_train_exits_parser
+from cluster.training.cli import add_calibrate_parser, add_calibrate_skip_parser, add_train_exits_parser
 
 
 def _stats(exit_layers: list[int], num_layers: int) -> dict:
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     add_train_exits_parser(sub)
     add_calibrate_parser(sub)
+    add_calibrate_skip_parser(sub)
     return p
 
 

@@ -1,4 +1,5 @@
-"""``eeserve train-exits`` and ``eeserve calibrate`` (argparse; also ``python -m cluster.training.cli``).
+"""``eeserve train-exits``, ``eeserve calibrate`` and ``eeserve calibrate-skip`` (argparse; also
+``python -m cluster.training.cli``).
 
 Examples::
 
@@ -7,6 +8,8 @@ Examples::
     # heads for a model directory (written next to the weights, picked up as its exit config)
     eeserve train-exits --model /path/to/model
     eeserve calibrate --model /path/to/model --target 0.95
+    # layer_skip's skip set for the default model (int4), written into its shipped exit config
+    eeserve calibrate-skip --trials 120
 """
 from __future__ import annotations
 
@@ -101,6 +104,44 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def add_calibrate_skip_parser(subparsers) -> argparse.ArgumentParser:
+    """``calibrate-skip``: search layer_skip's skip set (SWIFT) and write it into the exit config."""
+    from cluster.training.workspace import DataSettings
+
+    d = DataSettings()
+    p = subparsers.add_parser("calibrate-skip", help="search the layer_skip skip set (SWIFT) on the calibration prompts",
+                              description="Score skip sets (decoder layers left out of layer_skip's drafts; the first "
+                                          "and last layers are kept) by their modelled speedup at batch 1: teacher-"
+                                          "forced draft acceptance against the full model's greedy answers to the "
+                                          "calibration prompts, k drafts per verification, and the engine's draft "
+                                          "cost. Single-layer skips, a greedy ordering, then optuna TPE (seeded, "
+                                          "--trials sets in all). The winner is run in the engine to confirm its "
+                                          "acceptance and written into the exit config as skip_layers with a "
+                                          "skip_calibration record (SWIFT, arXiv 2410.06916).")
+    p.add_argument("--model", default=None, help="safetensors model directory or GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--config", default=None, help="exit_config.json to update (default: the model's own, else "
+                                                  "<model dir>/exit_config.json)")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weights as the engine serves them (auto: int4 for the default Q4 GGUF on the CPU)")
+    p.add_argument("--trials", type=int, default=120, help="skip sets scored at most (default 120)")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--num-prompts", type=int, default=16, help="calibration prompts scored (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="continuation tokens scored per prompt (default 128)")
+    p.add_argument("--confirm-prompts", type=int, default=4,
+                   help="calibration prompts the engine generates with the winner to measure its acceptance (0: none)")
+    p.add_argument("--num-calib", type=int, default=d.num_calib,
+                   help="calibration split size when the exit config has no trained heads naming their splits")
+    p.add_argument("--num-test", type=int, default=d.num_test, help="held-out split size (never scored), as --num-calib")
+    p.add_argument("--split-seed", type=int, default=d.split_seed)
+    p.add_argument("--work-dir", default=None, help="answer cache (default: $EESERVE_CACHE_DIR/exit-training/<model>)")
+    p.add_argument("--no-write", action="store_true", help="only print the result")
+    p.add_argument("--summary", default=None, help="also write the result as JSON here")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_calibrate_skip)
+    return p
+
+
 def _setup(args) -> None:
     if args.threads:
         import torch
@@ -153,11 +194,47 @@ def run_calibrate(args) -> int:
     return 0
 
 
+def run_calibrate_skip(args) -> int:
+    from cluster.training.skip_calibration import calibrate_skip
+    from cluster.training.workspace import DataSettings
+
+    _setup(args)
+    data = DataSettings(num_calib=args.num_calib, num_test=args.num_test, split_seed=args.split_seed,
+                        max_new_tokens=args.max_new_tokens)
+    rec = calibrate_skip(args.model, args.config, args.quantization, trials=args.trials, seed=args.seed,
+                         num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, data=data,
+                         work_dir=args.work_dir, confirm_prompts=args.confirm_prompts, write=not args.no_write,
+                         progress=not args.quiet, log=_log)
+    _log(format_skip_table(rec))
+    _write_summary(args.summary, rec)
+    return 0
+
+
+def format_skip_table(rec: dict) -> str:
+    """The calibrate-skip result as a text table: the winner, the best set per size, the engine check."""
+    rows = [("winner", rec["top"][0])] + [(f"|S|={n}", c) for n, c in rec["by_size"].items() if c]
+    if rec.get("default_rule"):
+        rows.append(("default rule", rec["default_rule"]))
+    lines = [f"{'':>13} {'acceptance':>10} {'draft cost':>10} {'skip ratio':>10} {'tok/verif':>9} {'speedup':>8}  skip set"]
+    for name, c in rows:
+        lines.append(f"{name:>13} {c['acceptance']:>10.3f} {c['draft_cost']:>10.3f} {c['skip_ratio']:>10.3f} "
+                     f"{c['tokens_per_verification']:>9.3f} {c['speedup']:>7.3f}x  {c['skip']}")
+    e = rec.get("engine")
+    if e and e.get("accepted_per_draft") is not None:
+        lines.append(f"engine (k={rec['num_draft_tokens']}, batch 1, {e['prompts']} prompts): accepted/drafted "
+                     f"{e['accepted_per_draft']:.3f} (estimate predicts {e['predicted_accepted_per_draft']:.3f}), "
+                     f"tokens/verification {e['tokens_per_verification']:.3f} (predicted "
+                     f"{e['predicted_tokens_per_verification']:.3f}), implied per-draft acceptance "
+                     f"{e['implied_acceptance']:.3f} vs estimate {rec['skip_acceptance']:.3f}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.training.cli")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_exits_parser(sub)
     add_calibrate_parser(sub)
+    add_calibrate_skip_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -60,6 +60,44 @@ def _groups(seqs: list[list[int]], max_tokens: int) -> Iterable[list[int]]:
         yield group
 
 
+@dataclass
+class PackedBatch:
+    """Sequences packed as one causal prefill batch (each from position 0), for a plain forward of
+    the decoder layers outside the engine."""
+
+    input_ids: torch.Tensor  # [T] long, all sequences' tokens back to back
+    positions: torch.Tensor  # [T] long
+    meta: AttentionMetadata  # one prefill chunk per sequence
+    kv: torch.Tensor  # [2, blocks, block_size, KVH, d]: every layer writes its K/V before it attends,
+    #                   so one cache pair serves all layers
+    keep: torch.Tensor  # [R] long: the flattened indices of the rows asked for
+
+
+def pack_sequences(model: LlamaForCausalLM, seqs: list[list[int]], rows: list[torch.Tensor],
+                   block_size: int = 16) -> PackedBatch:
+    """Pack ``seqs`` (token ids) into one causal batch on the model's device; ``rows``: per sequence,
+    the token indices to keep (:attr:`PackedBatch.keep`)."""
+    dev = next(model.parameters()).device
+    attn = model.model.layers[0].self_attn
+    ids, positions, slots, chunks, keep = [], [], [], [], []
+    block, t = 0, 0
+    for s, r in zip(seqs, rows):
+        n = len(s)
+        nb = -(-n // block_size)
+        ids.extend(s)
+        positions.append(torch.arange(n))
+        slots.append(block * block_size + torch.arange(n))
+        chunks.append(PrefillChunk(t, n, 0, torch.arange(block, block + nb, device=dev)))
+        keep.append(r + t)
+        block, t = block + nb, t + n
+    kv = torch.empty(2, block, block_size, attn.num_kv_heads, attn.head_dim, dtype=next(model.parameters()).dtype,
+                     device=dev)
+    meta = AttentionMetadata(torch.cat(slots).to(dev), 0, torch.zeros(0, 1, dtype=torch.long, device=dev),
+                             torch.zeros(0, dtype=torch.long, device=dev), chunks)
+    return PackedBatch(torch.tensor(ids, dtype=torch.long, device=dev), torch.cat(positions).to(dev), meta, kv,
+                       torch.cat(keep).to(dev))
+
+
 @torch.inference_mode()
 def full_sequence_hidden(model: LlamaForCausalLM, seqs: list[list[int]], rows: list[torch.Tensor],
                          layers: Iterable[int], block_size: int = 16) -> dict[int, torch.Tensor]:
@@ -74,32 +112,13 @@ def full_sequence_hidden(model: LlamaForCausalLM, seqs: list[list[int]], rows: l
     """
     want = set(layers)
     mc = model.config
-    dev = next(model.parameters()).device
-    attn = model.model.layers[0].self_attn
-    ids, positions, slots, chunks, keep = [], [], [], [], []
-    block, t = 0, 0
-    for s, r in zip(seqs, rows):
-        n = len(s)
-        nb = -(-n // block_size)
-        ids.extend(s)
-        positions.append(torch.arange(n))
-        slots.append(block * block_size + torch.arange(n))
-        chunks.append(PrefillChunk(t, n, 0, torch.arange(block, block + nb, device=dev)))
-        keep.append(r + t)
-        block, t = block + nb, t + n
-    # every layer writes this step's K/V before it attends, so one cache pair serves all layers
-    kv = torch.empty(2, block, block_size, attn.num_kv_heads, attn.head_dim, dtype=next(model.parameters()).dtype,
-                     device=dev)
-    meta = AttentionMetadata(torch.cat(slots).to(dev), 0, torch.zeros(0, 1, dtype=torch.long, device=dev),
-                             torch.zeros(0, dtype=torch.long, device=dev), chunks)
-    pos = torch.cat(positions).to(dev)
-    sel = torch.cat(keep).to(dev)
-    h = model.model.embed_tokens(torch.tensor(ids, dtype=torch.long, device=dev))
+    b = pack_sequences(model, seqs, rows, block_size)
+    h = model.model.embed_tokens(b.input_ids)
     out = {}
     for i, layer in enumerate(model.model.layers):
-        h = layer(h, pos, meta, kv)
+        h = layer(h, b.positions, b.meta, b.kv)
         if i + 1 in want:
-            out[i + 1] = h[sel].float()
+            out[i + 1] = h[b.keep].float()
     assert set(out) == want, f"layers {sorted(want - set(out))} are not in 1..{mc.num_layers}"
     return out
 
