@@ -61,7 +61,7 @@ class DraftLengthController:
 
     @staticmethod
     def _key(spec: ExitPlan) -> tuple:
-        return spec.mode, spec.draft_layer, spec.skip_layers
+        return spec.mode, spec.draft_layer, spec.skip_layers, spec.skip_selection
 
     def observe(self, spec: ExitPlan, num_drafts: int, num_accepted: int) -> None:
         """Record one verification of ``num_drafts`` drafts, ``num_accepted`` of them accepted."""
