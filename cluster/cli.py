@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from cluster.request import DEFAULT_MODES
+from cluster.request import DEFAULT_MODES, SKIP_SELECTIONS
 from cluster.training.cli import add_calibrate_parser, add_calibrate_skip_parser, add_train_exits_parser
 
 
@@ -32,10 +32,12 @@ def cmd_generate(args) -> int:
     early_exit = MODEL_DEFAULT
     overrides = dict(mode=args.exit_mode, draft_layer=args.draft_layer, num_draft_tokens=args.num_draft_tokens,
                      adaptive_drafts=args.adaptive_drafts,
-                     skip_layers=tuple(args.skip_layers) if args.skip_layers is not None else None)
+                     skip_layers=tuple(args.skip_layers) if args.skip_layers is not None else None,
+                     skip_selection=args.skip_selection)
     if args.no_early_exit:
         if any(v is not None for v in overrides.values()):
-            raise ValueError("--exit-mode, --draft-layer, --num-draft-tokens, --skip-layers and --[no-]adaptive-drafts "
+            raise ValueError("--exit-mode, --draft-layer, --num-draft-tokens, --skip-layers, --skip-selection and "
+                             "--[no-]adaptive-drafts "
                              "need early exit (not --no-early-exit)")
         early_exit = None
     elif any(v is not None for v in overrides.values()):
@@ -62,7 +64,8 @@ def cmd_generate(args) -> int:
                                                           "mode": ec.mode or ec.policy,
                                                           "draft_layer": ec.default_draft_layer,
                                                           "num_draft_tokens": ec.num_draft_tokens,
-                                                          "skip_layers": list(ec.skip_layers)})
+                                                          "skip_layers": list(ec.skip_layers),
+                                                          "skip_selection": ec.skip_selection})
         if out.num_verify_steps:  # a lossless mode ran
             stats.update(num_draft_tokens=out.num_draft_tokens, num_accepted_tokens=out.num_accepted_tokens,
                          acceptance_rate=None if out.acceptance_rate is None else round(out.acceptance_rate, 3),
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-layers", type=int, nargs="+", default=None, metavar="LAYER",
                    help="layer_skip: the decoder layers (1-based, each below the last) drafts leave out, e.g. "
                         "--skip-layers 3 5 7 (default: the exit config's, else every other middle layer)")
+    g.add_argument("--skip-selection", default=None, choices=SKIP_SELECTIONS,
+                   help="layer_skip: static keeps the skip set; online re-chooses one of the same size from the "
+                        "verified tokens (CLaSp; default: the exit config's, static)")
     g.add_argument("--num-draft-tokens", type=int, default=None,
                    help="lossless modes: drafts per verification (default: the exit config's, 4)")
     g.add_argument("--adaptive-drafts", action=argparse.BooleanOptionalAction, default=None,

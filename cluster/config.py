@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from cluster.request import DEFAULT_MODES, LOSSLESS_MODES, LOSSY_MODES, DefaultMode, LossyMode
+from cluster.request import DEFAULT_MODES, LOSSLESS_MODES, LOSSY_MODES, SKIP_SELECTIONS, DefaultMode, LossyMode, SkipSelection
 
 ConfidenceMeasure = Literal["max_prob", "top2_margin", "classifier"]
 CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "classifier")
@@ -233,6 +233,9 @@ class ExitConfig:
         skip_layers: ``layer_skip``: the model's default skip set (1-based decoder layers, each below
             the last; e.g. written by a calibration search); ``()``: the rule of
             :func:`cluster.request.default_skip_layers` (every other layer of the middle half).
+        skip_selection: ``layer_skip``: ``static`` keeps the skip set; ``online`` re-chooses a set of
+            the same size during decoding from the verified tokens' hidden states (CLaSp, Chen et al.
+            ACL 2025; :mod:`cluster.model.skip_select`), never the first or the last layer.
         num_draft_tokens: drafts per verification (``self_speculative``: exactly this many, fewer only
             near ``max_tokens``; ``verified``: at most this many).
         draft_vocab: drafts use the FR-Spec reduced-vocabulary LM head (Zhao et al., arXiv 2502.14856)
@@ -264,8 +267,11 @@ class ExitConfig:
     draft_vocab: bool = True
     adaptive_drafts: bool = True
     skip_layers: tuple[int, ...] = ()
+    skip_selection: SkipSelection = "static"
 
     def __post_init__(self):
+        if self.skip_selection not in SKIP_SELECTIONS:
+            raise ValueError(f"skip_selection must be one of {SKIP_SELECTIONS}, got {self.skip_selection!r}")
         if self.mode is not None and self.mode not in DEFAULT_MODES:
             raise ValueError(f"mode must be one of {DEFAULT_MODES}, got {self.mode!r}")
         if self.mode in LOSSY_MODES:

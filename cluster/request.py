@@ -23,6 +23,10 @@ EXIT_MODES: tuple[str, ...] = get_args(ExitMode)
 # faster than it (README, "Which early-exit mode by default").
 DefaultMode = Literal[ExitMode, "full"]
 DEFAULT_MODES: tuple[str, ...] = get_args(DefaultMode)
+# ``layer_skip``'s skip set: fixed (the request's, the exit config's or the default rule) or re-chosen
+# during decoding from the full model's hidden states (CLaSp; cluster.model.skip_select)
+SkipSelection = Literal["static", "online"]
+SKIP_SELECTIONS: tuple[str, ...] = get_args(SkipSelection)
 
 
 def default_skip_layers(num_layers: int) -> tuple[int, ...]:
@@ -52,13 +56,17 @@ class ExitPlan:
         adaptive: lossless modes: the draft control picks the draft length.
         threshold: the confidence threshold of this request's exit tests, in ``[0, 1]``; None: the
             exit config's (per exit layer if calibrated).
+        skip_selection: ``layer_skip``: ``static`` drafts with ``skip_layers`` throughout; ``online``
+            starts from them and re-chooses a set of the same size from the verified tokens (CLaSp,
+            :mod:`cluster.model.skip_select`; never the first or last layer).
 
     Raises:
         ValueError: an unknown mode; a lossless mode with ``num_draft_tokens < 1``;
             ``self_speculative`` without ``draft_layer``; ``layer_skip`` without ``skip_layers``, or
             with ``skip_layers`` not sorted and unique or below 1, or with a ``draft_layer``;
             ``skip_layers`` with another mode; draft settings with a lossy mode or the full model; a
-            threshold outside ``[0, 1]``.
+            threshold outside ``[0, 1]``; an unknown ``skip_selection``, or ``online`` without
+            ``layer_skip``.
     """
 
     mode: Optional[ExitMode] = None
@@ -68,8 +76,13 @@ class ExitPlan:
     adaptive: bool = True
     threshold: Optional[float] = None
     skip_layers: tuple[int, ...] = ()
+    skip_selection: SkipSelection = "static"
 
     def __post_init__(self):
+        if self.skip_selection not in SKIP_SELECTIONS:
+            raise ValueError(f"skip_selection must be one of {SKIP_SELECTIONS}, got {self.skip_selection!r}")
+        if self.skip_selection == "online" and self.mode != "layer_skip":
+            raise ValueError(f"skip_selection 'online' needs mode 'layer_skip', not {self.mode!r}")
         if self.mode is not None and self.mode not in EXIT_MODES:
             raise ValueError(f"mode must be one of {EXIT_MODES} or None, got {self.mode!r}")
         if self.mode in LOSSLESS_MODES:

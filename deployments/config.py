@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.engine.protocol import MAX_DRAFT_TOKENS
-from cluster.request import DefaultMode
+from cluster.request import DefaultMode, SkipSelection
 
 DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "EESERVE_API_KEY"
@@ -53,6 +53,9 @@ class ServeArgs(BaseModel):
     skip_layers: Optional[tuple[int, ...]] = Field(
         None, description="layer_skip: the decoder layers (1-based, each below the last) drafts leave out, e.g. "
                           "skip_layers=3,5,7; None: the model's exit config's, else every other middle layer")
+    skip_selection: Optional[SkipSelection] = Field(
+        None, description="layer_skip: static keeps the skip set; online re-chooses one of the same size from the "
+                          "verified tokens (CLaSp); None: the model's exit config's (static)")
     adaptive_drafts: Optional[bool] = Field(
         None, description="self_speculative: draft only as many tokens as the measured acceptance pays for (False: "
                           "always num_draft_tokens); None: the model's exit config's (True)")
@@ -95,7 +98,7 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(1, ge=0, description="Retry-After header of 503 answers (overloaded, no engine)")
 
     @field_validator("model", "served_model_name", "api_key", "exit_mode", "draft_layer", "num_draft_tokens",
-                     "adaptive_drafts", mode="before")
+                     "adaptive_drafts", "skip_selection", mode="before")
     @classmethod
     def _empty_is_none(cls, v):
         return None if v in ("", "None", "none", "null") else v
@@ -135,7 +138,8 @@ class ServeArgs(BaseModel):
     @model_validator(mode="after")
     def _exit_settings_need_exits(self):
         if not self.early_exit:
-            given = [k for k in ("exit_mode", "draft_layer", "num_draft_tokens", "adaptive_drafts", "skip_layers")
+            given = [k for k in ("exit_mode", "draft_layer", "num_draft_tokens", "adaptive_drafts", "skip_layers",
+                                 "skip_selection")
                      if getattr(self, k) is not None]
             if given:
                 raise ValueError(f"{given[0]}: needs early_exit true (early_exit false serves the full model)")
@@ -145,7 +149,7 @@ class ServeArgs(BaseModel):
     def exit_config(self):
         """The engine's ``early_exit`` argument: None (full model), the model's own exit config
         (``MODEL_DEFAULT``), or, with ``exit_mode`` / ``draft_layer`` / ``num_draft_tokens`` /
-        ``adaptive_drafts`` / ``skip_layers``, the model's exit config with those fields replaced (``mode`` for
+        ``adaptive_drafts`` / ``skip_layers`` / ``skip_selection``, the model's exit config with those fields replaced (``mode`` for
         ``exit_mode``; reads the model's config files); ``exit_threshold`` replaces the config's
         threshold at every exit layer (calibrated per-layer thresholds included)."""
         import dataclasses
@@ -155,7 +159,8 @@ class ServeArgs(BaseModel):
         if not self.early_exit:
             return None
         over = dict(mode=self.exit_mode, draft_layer=self.draft_layer, num_draft_tokens=self.num_draft_tokens,
-                    adaptive_drafts=self.adaptive_drafts, skip_layers=self.skip_layers)
+                    adaptive_drafts=self.adaptive_drafts, skip_layers=self.skip_layers,
+                    skip_selection=self.skip_selection)
         if all(v is None for v in over.values()) and self.exit_threshold is None:
             return MODEL_DEFAULT
         ec = model_exit_config_with(self.model, **over)

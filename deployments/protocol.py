@@ -4,7 +4,7 @@
 Requests: ``/v1/completions`` and ``/v1/chat/completions`` with OpenAI's sampling fields, vLLM's
 extras (``top_k``, ``min_tokens``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``) and
 ``early_exit`` (``false``: full model; absent or ``true``: the server's default; an object
-``{"mode", "threshold", "draft_layer", "num_draft_tokens", "skip_layers"}``, every key optional: this
+``{"mode", "threshold", "draft_layer", "num_draft_tokens", "skip_layers", "skip_selection"}``, every key optional: this
 request's mode (``paper`` / ``per_sequence`` lossy, ``verified`` / ``self_speculative`` /
 ``layer_skip`` lossless), threshold and draft settings). Unknown fields are rejected (400), never
 silently ignored. Errors are OpenAI error objects ``{"error": {"message", "type", "param", "code"}}`` raised as
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from cluster.engine.protocol import MAX_DRAFT_TOKENS
-from cluster.request import EXIT_MODES, LOSSLESS_MODES, ExitMode
+from cluster.request import EXIT_MODES, LOSSLESS_MODES, SKIP_SELECTIONS, ExitMode, SkipSelection
 from cluster.sampling import GuidedDecodingParams, SamplingParams
 from deployments.errors import OpenAIError, validation_error
 
@@ -46,6 +46,9 @@ class EarlyExitOption(BaseModel):
     skip_layers: Optional[list[int]] = Field(
         None, strict=True, description="layer_skip: the decoder layers (1-based, each below the last) its drafts "
                                        "leave out; absent: the server's")
+    skip_selection: Optional[SkipSelection] = Field(
+        None, description="layer_skip: static keeps the skip set; online re-chooses one of the same size from the "
+                          "verified tokens (CLaSp); absent: the server's")
 
     @field_validator("draft_layer", "num_draft_tokens")
     @classmethod
@@ -56,7 +59,7 @@ class EarlyExitOption(BaseModel):
                                       + f", not {mode!r}")
         return v
 
-    @field_validator("skip_layers")
+    @field_validator("skip_layers", "skip_selection")
     @classmethod
     def _layer_skip_only(cls, v, info: ValidationInfo):
         mode = info.data.get("mode")
@@ -65,7 +68,7 @@ class EarlyExitOption(BaseModel):
         return v
 
 
-# mode, threshold, draft_layer, num_draft_tokens, skip_layers
+# mode, threshold, draft_layer, num_draft_tokens, skip_layers, skip_selection
 EARLY_EXIT_KEYS = tuple(EarlyExitOption.model_fields)
 
 
@@ -78,7 +81,7 @@ def _bounds(key: str) -> str:
 
 def _early_exit(v):
     """``early_exit``: a bool or ``{"mode", "threshold", "draft_layer", "num_draft_tokens",
-    "skip_layers"}`` (all optional), validated by :class:`EarlyExitOption` with a message that names
+    "skip_layers", "skip_selection"}`` (all optional), validated by :class:`EarlyExitOption` with a message that names
     the bad key."""
     if v is None or isinstance(v, (bool, EarlyExitOption)):
         return v
@@ -97,6 +100,8 @@ def _early_exit(v):
         kind, got = err["type"], v.get(key)
         if key == "mode":
             why = f"must be one of {', '.join(EXIT_MODES)}, got {got!r}"
+        elif key == "skip_selection" and kind == "literal_error":
+            why = f"must be one of {', '.join(SKIP_SELECTIONS)}, got {got!r}"
         elif key == "skip_layers" and kind in ("list_type", "int_type"):
             why = f"must be a list of layer numbers (integers), got {got!r}"
         elif kind == "float_type":
@@ -170,7 +175,8 @@ class _GenerationRequest(BaseModel):
     response_format: Optional[ResponseFormat] = None
     early_exit: Union[bool, EarlyExitOption, None] = Field(
         None, description="false: full model; true or absent: the server's default; an object: this request's "
-                          "mode, threshold, draft_layer, num_draft_tokens, skip_layers (absent keys: the server's)")
+                          "mode, threshold, draft_layer, num_draft_tokens, skip_layers, skip_selection (absent keys: the "
+                          "server's)")
     user: Optional[str] = None
 
     @field_validator("early_exit", mode="before")
@@ -214,7 +220,7 @@ class _GenerationRequest(BaseModel):
         return {"early_exit": self.early_exit is not False, "exit_threshold": o.threshold if o else None,
                 "exit_mode": o.mode if o else None,
                 "draft_layer": o.draft_layer if o else None, "num_draft_tokens": o.num_draft_tokens if o else None,
-                "skip_layers": o.skip_layers if o else None}
+                "skip_layers": o.skip_layers if o else None, "skip_selection": o.skip_selection if o else None}
 
     def num_logprobs(self) -> Optional[int]:
         """SamplingParams.logprobs: None (off) or the number of top alternatives."""

@@ -129,3 +129,60 @@ def test_no_drafts_when_the_batch_is_large():
     out = run(big, lambda r, k: 0)
     assert all(sr.num_draft_tokens == 0 for sr in out.scheduled)  # 3 decodes > spec_max_batch 2
     assert all(sr.full_depth for sr in out.scheduled)  # and no lossy exit either: full depth
+
+
+# ---------------------------------------------------------------- batch-aware control (issue 17 part 3)
+def test_gain_prices_the_verification_rows_by_batch():
+    from cluster.core.draft_control import step_cost
+
+    g = DraftLengthController.gain
+    assert step_cost(1, 8) == step_cost(8, 8) == 1.0 and step_cost(32, 8) == 4.0
+    # batch 1 with k + 1 <= ridge_rows: the classic tokens / (1 + k c)
+    assert g(0.5, 2, 0.25, 1, 8) == pytest.approx(g(0.5, 2, 0.25))
+    # batch 16, ridge 8: a step is 2 batch-1 steps; 3 drafts: 3 passes of 0.5 * 2 and a verification of 64 rows (8)
+    assert g(0.9, 3, 0.5, 16, 8) == pytest.approx((1 - 0.9 ** 4) / 0.1 * 2 / (3 * 0.5 * 2 + 8))
+    assert g(1.0, 3, 0.5, 16, 8) < 1.0  # compute-bound: not even perfect drafts pay
+
+
+def test_controller_drafts_less_as_the_batch_grows_and_never_probes_where_it_cannot_pay():
+    c = DraftLengthController(probe_every=4, ridge_rows=8)
+    req = spec_req("a", k=4, cost=0.3, adaptive=True)
+    for _ in range(300):  # a ~ 0.9
+        c.observe(req.exit_plan, 10, 9)
+    ks = {b: c.num_drafts(req, 4, batch=b) for b in (1, 2, 4, 16)}
+    assert ks[1] >= ks[2] >= ks[4] >= 1 and ks[1] > ks[4], ks
+    assert [c.num_drafts(req, 4, batch=16) for _ in range(40)] == [0] * 40  # hopeless at 16: no probe either
+    assert c.num_drafts(req, 4, batch=1) == ks[1]  # the batch shrank: drafting resumes at once
+    for b in (1, 4):  # the request's num_draft_tokens (k_max) caps k at every batch size
+        assert all(c.num_drafts(req, m, batch=b) <= m for m in range(5))
+    fixed = spec_req("f", k=3, cost=0.3, adaptive=False)
+    assert c.num_drafts(fixed, 3, batch=16) == 3  # a fixed draft length is the request's own choice
+    # low acceptance at a batch where drafts could pay: full depth, with backing-off probes
+    low = DraftLengthController(probe_every=4, max_probe_every=16, ridge_rows=8)
+    for _ in range(50):
+        low.observe(req.exit_plan, 1, 0)
+    assert [i for i, k in enumerate(low.num_drafts(req, 4, batch=2) for _ in range(30)) if k] == [3, 11, 27]
+
+
+def test_verified_gain_accounts_for_the_batch():
+    c = DraftLengthController(ridge_rows=8)
+    v = spec_req("v", k=5, mode="verified", adaptive=True)
+    for _ in range(300):  # 3 tokens per iteration for 2 drafts
+        c.observe(v.exit_plan, 2, 2)
+    assert c.verified_gain(v.exit_plan, 1) > 1.0 and c.num_drafts(v, 5, batch=1) == 5
+    assert c.verified_gain(v.exit_plan, 32) < 1.0 and c.num_drafts(v, 5, batch=32) == 0
+
+
+def test_scheduler_passes_the_iterations_decode_batch():
+    s = make_sched(num_blocks=512, max_num_seqs=32)
+    s.spec_max_batch = 32
+    s.draft_control.ridge_rows = 8
+    reqs = [spec_req(f"q{i}", k=3, cost=0.5, adaptive=True) for i in range(16)]
+    s.add_request(reqs[0])
+    run(s, lambda r, k: 0)
+    assert run(s, lambda r, k: k).scheduled[0].num_draft_tokens > 0  # alone: the prior pays
+    for r in reqs[1:]:
+        s.add_request(r)
+    run(s, lambda r, k: k)  # the others' prefill
+    for _ in range(3):  # 16 decodes: a verification of 16 (k + 1) rows never pays at ridge 8
+        assert all(sr.num_draft_tokens == 0 for sr in run(s, lambda r, k: k).scheduled)

@@ -424,10 +424,12 @@ def stub_runner(V, exit_layer=3):
     """A ModelRunner whose forward returns fixed logits (no model): tests only the sampling part."""
     from cluster.model.exits import ExitResult
     from cluster.worker.model_runner import ModelRunner
+    from cluster.worker.spec_decode import SpecDecoder
 
     runner = ModelRunner.__new__(ModelRunner)
     runner.is_driver = True
     runner.sampling_states = SamplingStates()
+    runner.spec_decoder = SpecDecoder(None, None, [], None, exit_layer, runner.sampling_states, True)  # no drafts here
     runner.logits = None
 
     def forward(so, rows_of=None):

@@ -88,7 +88,7 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            k = self._num_drafts(req, n, budget) if spec_on else 0
+            k = self._num_drafts(req, n, budget, num_decodes) if spec_on else 0
             while bm.allocate_slots(req, n + k) is None:
                 if k:  # no room for the drafts' slots: decode without drafts before preempting anyone
                     k = 0
@@ -130,15 +130,16 @@ class Scheduler:
             finished_req_ids=finished,
         )
 
-    def _num_drafts(self, req: Request, n: int, budget: int) -> int:
+    def _num_drafts(self, req: Request, n: int, budget: int, batch: int = 1) -> int:
         """Drafts a lossless request makes this iteration: its mode's ``num_draft_tokens``, limited so
         that the verified tokens (drafts + 1) never pass ``max_tokens`` or ``max_model_len`` and the
-        drafts' rows fit the token budget; 0 for requests without a lossless mode or not decoding."""
+        drafts' rows fit the token budget, then chosen by the draft control at this iteration's
+        decode batch ``batch``; 0 for requests without a lossless mode or not decoding."""
         spec = req.exit_plan
         if not spec.is_lossless or n != 1 or req.num_computed_tokens < req.num_prompt_tokens or not req.num_output_tokens:
             return 0
         room = min(req.sampling_params.max_tokens - req.num_output_tokens, self.config.max_model_len - req.num_tokens)
-        return self.draft_control.num_drafts(req, max(0, min(spec.num_draft_tokens, room - 1, budget - n)))
+        return self.draft_control.num_drafts(req, max(0, min(spec.num_draft_tokens, room - 1, budget - n)), batch)
 
     def _make_scheduled(self, req: Request, n: int, k: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens

@@ -181,7 +181,8 @@ class LLMEngine:
                 num_layers)`` or, with trained exit heads, not one of the exit layers; draft
                 settings given with a lossy mode; ``skip_layers`` without mode ``layer_skip``, or
                 empty, or with a layer outside ``[1, num_layers - 1]`` (the last layer is never
-                skipped); a ``draft_layer`` with ``layer_skip``.
+                skipped); a ``draft_layer`` with ``layer_skip``; ``skip_selection`` without ``layer_skip``,
+                or ``online`` with more than ``num_layers - 2`` skipped layers.
         """
         ec, L = self.exit_config, self.model_config.num_layers
         mode = req.exit_mode or (ec.mode if ec is not None else None)
@@ -191,6 +192,9 @@ class LLMEngine:
                                       + " or ".join(repr(m) for m in LOSSLESS_MODES))
         if mode != "layer_skip" and req.skip_layers is not None:
             raise InvalidRequestError("early_exit", "early_exit.skip_layers: only with mode 'layer_skip'"
+                                      + (f", not {mode!r}" if mode else " (the request names no mode)"))
+        if mode != "layer_skip" and req.skip_selection is not None:
+            raise InvalidRequestError("early_exit", "early_exit.skip_selection: only with mode 'layer_skip'"
                                       + (f", not {mode!r}" if mode else " (the request names no mode)"))
         if mode == "layer_skip" and req.draft_layer is not None:
             raise InvalidRequestError("early_exit", "early_exit.draft_layer: only with mode 'self_speculative' "
@@ -209,7 +213,12 @@ class LLMEngine:
             plan = ExitPlan("verified", None, k, self.draft_cost(None), adaptive=ec.adaptive_drafts, threshold=thr)
         elif mode == "layer_skip":
             skip = self._skip_layers(req)
+            sel = req.skip_selection or (ec.skip_selection if ec is not None else "static")
+            if sel == "online" and len(skip) > L - 2:
+                raise InvalidRequestError("early_exit", f"early_exit.skip_selection: 'online' never skips the first or "
+                                          f"the last layer: at most {L - 2} skipped layers, got {len(skip)}")
             plan = ExitPlan("layer_skip", None, k, self.draft_cost(None, skip), threshold=thr, skip_layers=skip,
+                            skip_selection=sel,
                             # a draft length the request asks for is kept, as for self_speculative
                             adaptive=(ec.adaptive_drafts if ec is not None else True) and req.num_draft_tokens is None)
         else:

@@ -13,7 +13,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cluster.request import ExitMode
+from cluster.request import ExitMode, SkipSelection
 from cluster.sampling import SamplingParams
 
 MAX_DRAFT_TOKENS = 16  # drafts per verification a request may ask for
@@ -80,6 +80,8 @@ class EngineRequest(BaseModel):
         skip_layers: ``layer_skip``: the decoder layers (1-based, any order) its drafts leave out,
             each in ``[1, num_layers - 1]`` (checked by the engine); None: the exit config's, else
             :func:`cluster.request.default_skip_layers`.
+        skip_selection: ``layer_skip``: ``static`` or ``online`` (re-chosen from the verified tokens,
+            CLaSp); None: the exit config's.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -94,6 +96,7 @@ class EngineRequest(BaseModel):
     draft_layer: Optional[int] = Field(None, ge=1)
     num_draft_tokens: Optional[int] = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
     skip_layers: Optional[tuple[int, ...]] = None
+    skip_selection: Optional[SkipSelection] = None
 
 
 @dataclass

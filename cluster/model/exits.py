@@ -51,6 +51,9 @@ class ExitBatch:
     # rows whose first layers ran in an earlier pass (drafts being verified, a stop token re-run from
     # its exit): see :class:`Join`; sorted by depth, one entry per depth
     joins: list["Join"] = field(default_factory=list)
+    # [C] long token indices of rows that run every layer from layer 1 (``layer_skip`` drafts being
+    # verified) whose hidden state after each layer is kept (:attr:`ExitResult.captured`)
+    capture_rows: Optional[torch.Tensor] = None
 
     def rows(self) -> list[int]:
         if self.host_rows is None:
@@ -87,6 +90,8 @@ class ExitResult:
     exited_rows: list[int] = field(default_factory=list)  # host: sample rows that exited early
     # [S, hidden] hidden state of each exited row at its exit (rows that did not exit: undefined)
     hidden: Optional[torch.Tensor] = None
+    # [L + 1, C, hidden]: the embedding and the state after each layer of ``ExitBatch.capture_rows``
+    captured: Optional[torch.Tensor] = None
 
 
 def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], input_ids: torch.Tensor,
@@ -116,6 +121,8 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
         :class:`ExitResult` for ``batch.sample_rows``; ``num_checks`` is the number of exit checks made.
     """
     run = _ExitPass(model, heads, input_ids, positions, meta, kv_caches, batch)
+    cap = batch.capture_rows
+    kept = [] if cap is None else [run.h.index_select(0, cap)]
     for i, layer in enumerate(model.model.layers):
         run.join_rows(i)
         if run.stopped:  # every token exited: the remaining layers only fill K/V
@@ -124,7 +131,12 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
             run.run_layer(layer, kv_caches[i])
             if i + 1 in run.exit_at and run.pending:
                 run.exit_test(i + 1)
-    return run.result()
+        if cap is not None:
+            kept.append(run.h.index_select(0, cap))
+    result = run.result()
+    if cap is not None:
+        result.captured = torch.stack(kept)
+    return result
 
 
 @dataclass

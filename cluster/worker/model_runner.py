@@ -130,7 +130,11 @@ class ModelRunner:
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not allocated yet (initialize_cache)")
         input_ids, positions, meta, batch = self.prepare(so, rows_of)
+        if rows_of:  # online layer_skip requests keep their rows' per-layer states (no device read)
+            batch.capture_rows = self.spec_decoder.capture_rows(so, rows_of, batch.rows())
         result = forward_with_exits(self.model, self.heads, input_ids, positions, meta, self.kv_caches, batch)
+        if result.captured is not None:
+            self.spec_decoder.reselect(result.captured)
         if result.exited_rows:
             self._rerun_stop_exits(so, rows_of, result)
         return result
@@ -172,6 +176,7 @@ class ModelRunner:
         states = self.sampling_states
         for rid in so.finished_req_ids:
             states.drop(rid)
+            self.spec_decoder.drop(rid)
         if so.is_empty:
             return ModelRunnerOutput() if self.is_driver else None
         spec = [sr for sr in so.scheduled if sr.num_draft_tokens]

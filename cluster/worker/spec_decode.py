@@ -13,6 +13,14 @@ One iteration of a request scheduled with ``num_draft_tokens = k > 0`` (see
    depth its draft reached (:class:`~cluster.model.exits.Join`; ``layer_skip`` rows at depth 0: all
    ``L`` layers), so the full model's distribution after each row is known.
 3. :meth:`SpecDecoder.accept` (rank 0): greedy or speculative-sampling acceptance.
+
+``layer_skip`` requests with ``skip_selection="online"`` draft with a skip set this rank keeps per
+request (CLaSp): every :data:`~cluster.model.skip_select.RESELECT_EVERY` verifications, starting with
+the first, the verification keeps the per-layer hidden states of the request's rows
+(:meth:`SpecDecoder.capture_rows`; every row ran all ``L`` layers of the full model, so each is a
+full-model trajectory whatever its acceptance) and :meth:`SpecDecoder.reselect` runs the dynamic
+program of :mod:`cluster.model.skip_select` on them; rank 0's choice is broadcast, so every rank
+drafts with the same set. Rows of requests with equal skip sets draft in one pass.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from cluster.distributed import broadcast_from_driver
 from cluster.model.exit_heads import ExitHeads
 from cluster.model.layers.sampler import host_to_device, process_logits
 from cluster.model.llama import LlamaForCausalLM
+from cluster.model.skip_select import RESELECT_EVERY, skip_choices, skip_set_from_choices
 from cluster.model.speculative import accept_greedy, accept_sampled, draft_forward, skip_draft_forward
 from cluster.worker.input_batch import HostBatch, InputPacker, RowState
 from cluster.worker.sampling_states import SamplingStates
@@ -53,11 +62,64 @@ class SpecDecoder:
         self.num_layers = num_layers
         self.sampling_states = sampling_states
         self.is_driver = is_driver
+        # online skip selection, per request: [its current skip set, verifications so far]
+        self.online: dict[str, list] = {}
+        # this iteration's re-selections: (request id, its skip set's size, its rows in the capture)
+        self._due: list[tuple[str, int, int]] = []
+
+    # ------------------------------------------------------------------- online skip selection
+    def skip_set(self, sr: ScheduledRequest) -> tuple[int, ...]:
+        """The skip set ``sr`` drafts with now: its plan's, or (``online``) the one last chosen for it."""
+        if sr.spec.skip_selection != "online":
+            return sr.spec.skip_layers
+        return self.online.setdefault(sr.request_id, [sr.spec.skip_layers, 0])[0]
+
+    def drop(self, request_id: str) -> None:
+        """Forget a finished request's online skip set."""
+        self.online.pop(request_id, None)
+
+    def capture_rows(self, so, rows_of: dict[str, RowState], token_of_sample: list[int]) -> Optional[torch.Tensor]:
+        """The ``[C] long`` token indices (``token_of_sample``: the token of each sample row of the
+        verification, :attr:`~cluster.model.exits.ExitBatch.host_rows`) of the rows of the requests
+        that re-select their skip set after this iteration's verification; None when none does."""
+        if not self._due:
+            return None
+        from cluster.worker.input_batch import sample_layout
+
+        first = sample_layout(so, rows_of)[0]
+        due = {rid for rid, _, _ in self._due}
+        idx, order = [], []
+        for sr in so.scheduled:
+            rid = sr.request_id
+            if rid in due:
+                n = len(rows_of[rid].depths)
+                idx += [token_of_sample[first[rid] + j] for j in range(n)]
+                order.append((rid, len(self.online[rid][0]), n))
+        self._due = order
+        return host_to_device(idx, torch.long, self.packer.device)
+
+    def reselect(self, captured: torch.Tensor) -> None:
+        """CLaSp's re-selection for the requests of :meth:`capture_rows` from ``captured: [L + 1, C,
+        hidden]`` (their rows' states after each layer): one dynamic program per request on the
+        device, their choice tables broadcast from rank 0 and read to the host together (one sync)."""
+        due, self._due = self._due, []
+        tables, j = [], 0
+        for rid, m, n in due:
+            tables.append(skip_choices(captured[:, j:j + n], m).flatten())
+            j += n
+        flat = broadcast_from_driver(torch.cat(tables).to(torch.uint8)).tolist()
+        j = 0
+        for rid, m, _ in due:
+            size = self.num_layers * (m + 1)
+            rows = [flat[j + i * (m + 1): j + (i + 1) * (m + 1)] for i in range(self.num_layers)]
+            self.online[rid][0] = skip_set_from_choices(rows, m)
+            j += size
 
     # ------------------------------------------------------------------------------- drafting
     def draft(self, srs: list[ScheduledRequest]) -> dict[str, RowState]:
         """Draft for ``srs`` (each with ``num_draft_tokens > 0`` and a ``spec``); returns each request's
         :class:`RowState` (``len(drafts) + 1`` rows). Writes the drafts' K/V of the layers they ran."""
+        self._due = []
         skips = [sr for sr in srs if sr.spec.mode == "layer_skip"]
         exits = [sr for sr in srs if sr.spec.mode != "layer_skip"]
         st = self._draft_exits(exits) if exits else {}
@@ -71,7 +133,12 @@ class SpecDecoder:
         st = {sr.request_id: RowState(depths=[0], hidden=[None]) for sr in srs}
         groups: dict[tuple[int, ...], list[ScheduledRequest]] = {}
         for sr in srs:
-            groups.setdefault(sr.spec.skip_layers, []).append(sr)
+            groups.setdefault(self.skip_set(sr), []).append(sr)
+            if sr.spec.skip_selection == "online":
+                state = self.online[sr.request_id]
+                if state[1] % RESELECT_EVERY == 0:
+                    self._due.append((sr.request_id, len(state[0]), 0))
+                state[1] += 1
         for skip, live in groups.items():
             kept = self.num_layers - len(skip)  # the "exit layer" of its drafts: the layers they ran
             cur = {sr.request_id: sr.token_ids[0] for sr in live}
