@@ -14,6 +14,7 @@ from cluster.config import CacheConfig, SchedulerConfig
 from cluster.core.block_manager import BlockManager
 from cluster.core.draft_control import DraftLengthController
 from cluster.core.outputs import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
+from cluster.core.step_message import StepEncoder
 from cluster.request import Request, RequestStatus
 
 
@@ -42,6 +43,8 @@ class Scheduler:
         self._finished_ids: list[str] = []
         # requests whose prompt ids went to the runner (penalties need them once)
         self._prompt_sent: set[str] = set()
+        # what the ranks hold: each iteration goes to them as a diff (SchedulerOutput.step)
+        self.encoder = StepEncoder()
 
     # ------------------------------------------------------------------ requests in
     def add_request(self, request: Request) -> None:
@@ -72,7 +75,9 @@ class Scheduler:
 
         Returns:
             A :class:`SchedulerOutput`: decodes first, then prefill chunks; ``num_batched_tokens`` <=
-            ``max_num_batched_tokens``; the ids preempted now and finished since the last call.
+            ``max_num_batched_tokens``; the ids preempted now and finished since the last call; and
+            ``step``, the same iteration as a diff against what the ranks hold
+            (:class:`~cluster.core.step_message.StepEncoder`), which is what the ranks receive.
         """
         bm = self.block_manager
         budget = self.config.max_num_batched_tokens
@@ -123,12 +128,14 @@ class Scheduler:
         scheduled = [self._make_scheduled(req, n, k) for req, n, k in chosen]
         scheduled.sort(key=lambda s: not s.exit_eligible)  # stable: decodes first
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(
+        so = SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             preempted_req_ids=preempted,
             finished_req_ids=finished,
         )
+        so.step = self.encoder.encode(so, self.requests, self.block_manager.get_block_table)
+        return so
 
     def _num_drafts(self, req: Request, n: int, budget: int) -> int:
         """Drafts a lossless request makes this iteration: its mode's ``num_draft_tokens``, limited so

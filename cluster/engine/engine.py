@@ -282,8 +282,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns a delta for every request that got a token or failed."""
         so = self.scheduler.schedule()
-        if so.is_empty and not so.finished_req_ids:
-            return []
+        if so.is_empty and not so.finished_req_ids and not so.preempted_req_ids:
+            return []  # (the ranks hear of every finish and preemption: their state follows the scheduler's)
         failed: list[Request] = []
         for sr in so.scheduled:
             req = self.scheduler.get_request(sr.request_id)
