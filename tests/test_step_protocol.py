@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from cluster import LLM, ExitConfig, SamplingParams
-from cluster.core.step_message import StepMessage
+from cluster.core.step_message import StepEncoder, StepMessage
 from tests.test_spec_decode import GREEDY, exits, full, make_llm, reference, request  # noqa: F401
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,6 +21,14 @@ PROMPTS = [PREFIX + f"Once upon a time in city number {i}, a traveller" + " and 
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, ignore_eos=True)
+
+
+def use_diff(llm: LLM) -> LLM:
+    """The in-process rank gets the diff, with the checksum (the engine sends the diff to remote
+    ranks only: test_tensor_parallel runs that path over Ray)."""
+    assert not llm.engine.scheduler.has_unfinished_requests()
+    llm.engine.scheduler.encoder = StepEncoder(checksum=True)
+    return llm
 
 
 def assert_rank_matches(llm: LLM) -> None:
@@ -77,8 +85,7 @@ def test_rank_follows_preemption_resume_and_prefix_hits(tiny_model_dir):
     roomy = LLM(tiny_model_dir, early_exit=None, block_size=4, enable_prefix_caching=False)
     want = [o.token_ids for o in roomy.generate(PROMPTS, greedy(16))]
     roomy.shutdown()
-    llm = LLM(tiny_model_dir, early_exit=None, block_size=4, num_blocks=24, max_num_batched_tokens=16)
-    llm.engine.scheduler.encoder.checksum = True
+    llm = use_diff(LLM(tiny_model_dir, early_exit=None, block_size=4, num_blocks=24, max_num_batched_tokens=16))
     try:
         msgs = record_messages(llm)
         ids = [llm.add_request(p, greedy(16)) for p in PROMPTS]
@@ -98,7 +105,7 @@ def test_rank_follows_preemption_resume_and_prefix_hits(tiny_model_dir):
 
 def test_decode_steps_send_no_table_and_no_params(tiny_model_dir):
     """Without preemption each block id travels once; a decode step carries one token per request."""
-    llm = LLM(tiny_model_dir, early_exit=EE, block_size=4)
+    llm = use_diff(LLM(tiny_model_dir, early_exit=EE, block_size=4))
     try:
         msgs = record_messages(llm)
         ids = [llm.add_request(p, greedy(12)) for p in PROMPTS[:3]]
@@ -127,10 +134,10 @@ def test_abort_mid_decode_and_id_reuse(tiny_model_dir):
     """Aborts between iterations and while one runs (between schedule() and update()) drop the
     rank's state with the next message; the id reused afterwards is a new request on the rank."""
     llm = LLM(tiny_model_dir, early_exit=EE, block_size=4)
-    llm.engine.scheduler.encoder.checksum = True
     eng = llm.engine
     try:
         want = [o.token_ids for o in llm.generate(PROMPTS[:3], greedy(20))]
+        use_diff(llm)
         for i, p in enumerate(PROMPTS[:3]):
             llm.add_request(p, greedy(20), request_id=f"r{i}")
         for _ in range(6):
@@ -166,8 +173,7 @@ def test_spec_decode_rollback_keeps_rank_in_step(damped_model_dir, full):
     """Rejected drafts roll ``num_computed_tokens`` back on the scheduler (rank 0 decided it); the
     rank takes the scheduler's position and tokens every iteration. Output = the full model's."""
     ref = reference(full, ["The history of the Roman Empire", "def fibonacci(n):"], GREEDY)
-    llm = make_llm(damped_model_dir, exits(mode="self_speculative"))
-    llm.engine.scheduler.encoder.checksum = True
+    llm = use_diff(make_llm(damped_model_dir, exits(mode="self_speculative")))
     try:
         msgs = record_messages(llm)
         reqs = [request(llm, p) for p in ["The history of the Roman Empire", "def fibonacci(n):"]]
@@ -185,11 +191,23 @@ def test_spec_decode_rollback_keeps_rank_in_step(damped_model_dir, full):
         llm.shutdown()
 
 
+def test_in_process_rank_reads_the_whole_output(tiny_model_dir, monkeypatch):
+    """TP 1 in process: no diff is built (the rank shares the scheduler's memory) and the rank holds
+    no state of its own."""
+    monkeypatch.delenv("EESERVE_STEP_DIFF", raising=False)
+    llm = LLM(tiny_model_dir, early_exit=EE, block_size=4)
+    try:
+        assert llm.engine.scheduler.encoder is None
+        llm.generate(PROMPTS[:2], greedy(4))
+        assert llm.engine.workers.local.runner.batch.requests == {}
+    finally:
+        llm.shutdown()
+
+
 def test_checksum_catches_a_diverged_rank(tiny_model_dir):
     """A rank whose block table differs from the scheduler's fails the step instead of writing KV
     into another request's blocks."""
-    llm = LLM(tiny_model_dir, early_exit=EE, block_size=4)
-    llm.engine.scheduler.encoder.checksum = True
+    llm = use_diff(LLM(tiny_model_dir, early_exit=EE, block_size=4))
     try:
         llm.add_request(PROMPTS[0], greedy(8), request_id="a")
         llm.engine.step()

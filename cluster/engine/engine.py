@@ -14,6 +14,7 @@ the model step itself propagates (the engine is then dead).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Optional
 
@@ -67,8 +68,12 @@ class LLMEngine:
                                        cache_config.block_size, **worker_kwargs)
             report = self.workers.memory_report()
         self.memory_report = report
+        # remote ranks get each iteration as a diff against the requests they hold (cluster.core.step_message);
+        # an in-process rank reads the scheduler's output as it is (bench/step_protocol.py: the diff's
+        # encode + apply cost more than nothing; EESERVE_STEP_DIFF=1 uses the diff in process too)
         self.scheduler = Scheduler(scheduler_config, cache_config, self.num_blocks,
-                                   spec_max_batch=exit_config.spec_max_batch if exit_config is not None else 1)
+                                   spec_max_batch=exit_config.spec_max_batch if exit_config is not None else 1,
+                                   step_diff=self.workers.local is None or os.environ.get("EESERVE_STEP_DIFF") == "1")
         gib = 1 << 30
         logger.info("engine on %s (%s, tensor_parallel_size=%d): weights %.3f GiB, KV cache %.3f GiB = %d blocks "
                     "x %d tokens per rank%s", parallel_config.device, model_config.dtype,

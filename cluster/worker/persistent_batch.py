@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from cluster.core.outputs import ScheduledRequest, SchedulerOutput
-from cluster.core.step_message import StepMessage, sampling_from_plain, state_checksum
+from cluster.core.step_message import NewRequestData, StepMessage, sampling_from_plain, state_checksum
 from cluster.request import ExitPlan
 from cluster.sampling import SamplingParams
 
@@ -24,7 +24,7 @@ from cluster.sampling import SamplingParams
 @dataclass
 class RequestState:
     """What a rank holds of one request: every token id the scheduler accepted (prompt first), its
-    KV block table (empty while preempted) and what it was sent once."""
+    KV block table (empty while preempted), what it was sent once, and flags derived from those."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -33,6 +33,18 @@ class RequestState:
     sampling_params: SamplingParams
     exit_plan: ExitPlan
     eos_token_ids: tuple[int, ...]
+    num_prompt_tokens: int = 0
+    # the prompt as the runner's penalty history wants it (None: no penalties)
+    penalty_prompt: Optional[list[int]] = None
+    full_model: bool = False
+    lossless: bool = False
+
+    @classmethod
+    def new(cls, nr: NewRequestData) -> "RequestState":
+        sp, plan = sampling_from_plain(nr.sampling), nr.exit_plan
+        return cls(nr.request_id, nr.prompt_token_ids, list(nr.prompt_token_ids), [], sp, plan, nr.eos_token_ids,
+                   len(nr.prompt_token_ids), nr.prompt_token_ids if sp.uses_penalties else None,
+                   plan.is_full_model, plan.is_lossless)
 
 
 class PersistentBatch:
@@ -58,52 +70,41 @@ class PersistentBatch:
                 st.block_table = []  # a new list: an earlier iteration's view keeps its own
                 preempted.append(st.request_id)
         for nr in msg.new_reqs:
-            reqs[nr.handle] = RequestState(nr.request_id, nr.prompt_token_ids, list(nr.prompt_token_ids), [],
-                                           sampling_from_plain(nr.sampling), nr.exit_plan, nr.eos_token_ids)
-        resumed = set(msg.resumed)
+            reqs[nr.handle] = RequestState.new(nr)
+        resumed, new_blocks, drafts, masks = msg.resumed, msg.new_block_ids, msg.num_draft_tokens, msg.guided_bitmasks
         scheduled = []
-        for i, h in enumerate(msg.handles):
+        for i, (h, start, n, new) in enumerate(zip(msg.handles, msg.num_computed_tokens, msg.num_scheduled_tokens,
+                                                   msg.new_token_ids)):
             st = reqs.get(h)
             if st is None:
                 raise RuntimeError(f"step message names request handle {h}, which this rank does not hold")
-            if h in resumed:
+            if resumed and h in resumed:
                 st.block_table = []
-            st.token_ids += msg.new_token_ids[i]
-            blocks = msg.new_block_ids.get(h)
-            if blocks:
-                st.block_table += blocks
-            scheduled.append(self._scheduled(st, msg.num_computed_tokens[i], msg.num_scheduled_tokens[i],
-                                             msg.num_draft_tokens.get(h, 0), msg.guided_bitmasks.get(i)))
+            tokens = st.token_ids
+            if new:
+                tokens += new
+            if new_blocks:
+                blocks = new_blocks.get(h)
+                if blocks:
+                    st.block_table += blocks
+            k = drafts.get(h, 0) if drafts else 0
+            num_prompt, plan = st.num_prompt_tokens, st.exit_plan
+            sample = start + n == len(tokens)
+            # the scheduler's rules (cluster/core/scheduler.py, _make_scheduled), positional for speed
+            scheduled.append(ScheduledRequest(
+                st.request_id, tokens[start:start + n], start, st.block_table, sample,
+                n == 1 and start >= num_prompt and sample,  # exit_eligible
+                st.sampling_params, plan.threshold,
+                st.full_model or (st.lossless and not k),  # full_depth
+                len(tokens) - num_prompt, st.eos_token_ids,
+                st.penalty_prompt,  # the runner starts the history the first time (idempotent)
+                masks.get(i) if masks else None, plan if k else None, k))
         if msg.checksum is not None:
             mine = state_checksum((h, reqs[h].token_ids, reqs[h].block_table) for h in msg.handles)
             if mine != msg.checksum:
                 raise RuntimeError("this rank's request state diverged from the scheduler's (step checksum)")
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(msg.num_scheduled_tokens),
                                preempted_req_ids=preempted, finished_req_ids=finished)
-
-    @staticmethod
-    def _scheduled(st: RequestState, start: int, n: int, k: int, bitmask) -> ScheduledRequest:
-        tokens, plan, sp = st.token_ids, st.exit_plan, st.sampling_params
-        num_prompt = len(st.prompt_token_ids)
-        sample = start + n == len(tokens)
-        return ScheduledRequest(
-            request_id=st.request_id,
-            token_ids=tokens[start:start + n],
-            start_position=start,
-            block_table=st.block_table,
-            sample=sample,
-            exit_eligible=n == 1 and start >= num_prompt and sample,
-            sampling_params=sp,
-            exit_threshold=plan.threshold,
-            full_depth=plan.is_full_model or (plan.is_lossless and not k),
-            num_output_tokens=len(tokens) - num_prompt,
-            eos_token_ids=st.eos_token_ids,
-            # the runner keeps the history from the first time it sees the prompt (idempotent)
-            prompt_token_ids=st.prompt_token_ids if sp.uses_penalties else None,
-            guided_bitmask=bitmask,
-            spec=plan if k else None,
-            num_draft_tokens=k,
-        )
 
     def get(self, request_id: str) -> Optional[RequestState]:
         """The state of the request with this id (tests, debugging; a linear scan)."""
