@@ -56,7 +56,7 @@ def add_requests(scheds: list[Scheduler], batch: int, context: int, steps: int) 
             s.add_request(Request(rid, list(prompt), sp, eos_token_ids=(2,), exit_plan=ExitPlan("paper", threshold=0.5)))
 
 
-def one_step(sched: Scheduler, rank, token: int, tp: int) -> tuple[dict, object]:
+def one_step(sched: Scheduler, rank) -> tuple[dict, object]:
     """Schedule one step and move it to a rank (pickle/unpickle; apply when diffing); returns the
     measurements and the scheduler output."""
     t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def run(batch: int, context: int, steps: int, block_size: int) -> list[dict]:
         token = 1000 + step
         outs = {}
         for k in (order if step % 2 == 0 else order[::-1]):
-            m, outs[k] = one_step(scheds[k], ranks[k], token, 2)
+            m, outs[k] = one_step(scheds[k], ranks[k])
             per[k].append(m)
         for k in scheds:
             finish_step(scheds[k], outs[k], token)
