@@ -13,6 +13,8 @@ from cluster.sampling import SamplingParams
 if TYPE_CHECKING:
     import numpy
 
+    from cluster.core.step_message import StepMessage
+
 
 @dataclass
 class ScheduledRequest:
@@ -65,6 +67,9 @@ class SchedulerOutput:
     preempted_req_ids: list[str] = field(default_factory=list)
     # requests finished or aborted since the previous schedule(): workers drop their per-request state
     finished_req_ids: list[str] = field(default_factory=list)
+    # the same iteration as a diff for the ranks (cluster.core.step_message), set by the Scheduler;
+    # None: a hand-built output, which the runner takes as it is
+    step: Optional["StepMessage"] = None
 
     @property
     def is_empty(self) -> bool:

@@ -14,6 +14,7 @@ from cluster.config import CacheConfig, SchedulerConfig
 from cluster.core.block_manager import BlockManager
 from cluster.core.draft_control import DraftLengthController
 from cluster.core.outputs import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
+from cluster.core.step_message import StepEncoder
 from cluster.request import Request, RequestStatus
 
 
@@ -27,10 +28,13 @@ class Scheduler:
         num_blocks: number of physical KV blocks (resolved by the engine).
         spec_max_batch: requests with a lossless mode (``Request.exit_plan``) draft only while at most
             this many requests decode in the iteration; above it they decode at full depth.
+        step_diff: encode each iteration as a diff for the ranks (``SchedulerOutput.step``,
+            :class:`~cluster.core.step_message.StepEncoder`); False: the ranks get the whole
+            output (an in-process rank shares the scheduler's memory: nothing to send).
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int,
-                 spec_max_batch: int = 8):
+                 spec_max_batch: int = 8, step_diff: bool = True):
         self.config = scheduler_config
         self.spec_max_batch = spec_max_batch
         self.draft_control = DraftLengthController()
@@ -42,6 +46,9 @@ class Scheduler:
         self._finished_ids: list[str] = []
         # requests whose prompt ids went to the runner (penalties need them once)
         self._prompt_sent: set[str] = set()
+        # what the ranks hold: each iteration goes to them as a diff (SchedulerOutput.step); None
+        # sends the whole SchedulerOutput instead (bench/step_protocol.py measures both)
+        self.encoder: Optional[StepEncoder] = StepEncoder() if step_diff else None
 
     # ------------------------------------------------------------------ requests in
     def add_request(self, request: Request) -> None:
@@ -72,7 +79,9 @@ class Scheduler:
 
         Returns:
             A :class:`SchedulerOutput`: decodes first, then prefill chunks; ``num_batched_tokens`` <=
-            ``max_num_batched_tokens``; the ids preempted now and finished since the last call.
+            ``max_num_batched_tokens``; the ids preempted now and finished since the last call; and
+            ``step``, the same iteration as a diff against what the ranks hold
+            (:class:`~cluster.core.step_message.StepEncoder`), which is what the ranks receive.
         """
         bm = self.block_manager
         budget = self.config.max_num_batched_tokens
@@ -123,12 +132,15 @@ class Scheduler:
         scheduled = [self._make_scheduled(req, n, k) for req, n, k in chosen]
         scheduled.sort(key=lambda s: not s.exit_eligible)  # stable: decodes first
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(
+        so = SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
             preempted_req_ids=preempted,
             finished_req_ids=finished,
         )
+        if self.encoder is not None:
+            so.step = self.encoder.encode(so, self.requests, self.block_manager.get_block_table)
+        return so
 
     def _num_drafts(self, req: Request, n: int, budget: int, batch: int = 1) -> int:
         """Drafts a lossless request makes this iteration: its mode's ``num_draft_tokens``, limited so
@@ -148,9 +160,11 @@ class Scheduler:
         if req.sampling_params.uses_penalties and req.request_id not in self._prompt_sent:
             self._prompt_sent.add(req.request_id)
             prompt = list(req.prompt_token_ids)
+        p = req.num_prompt_tokens  # slices, not all_token_ids: that copies the whole sequence
+        token_ids = req.output_token_ids[start - p:start - p + n] if start >= p else req.all_token_ids[start:start + n]
         return ScheduledRequest(
             request_id=req.request_id,
-            token_ids=req.all_token_ids[start:start + n],
+            token_ids=token_ids,
             start_position=start,
             block_table=list(self.block_manager.get_block_table(req.request_id)),
             sample=sample,

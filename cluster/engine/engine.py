@@ -14,6 +14,7 @@ the model step itself propagates (the engine is then dead).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Optional
 
@@ -67,8 +68,12 @@ class LLMEngine:
                                        cache_config.block_size, **worker_kwargs)
             report = self.workers.memory_report()
         self.memory_report = report
+        # remote ranks get each iteration as a diff against the requests they hold (cluster.core.step_message);
+        # an in-process rank reads the scheduler's output as it is (bench/step_protocol.py: the diff's
+        # encode + apply cost more than nothing; EESERVE_STEP_DIFF=1 uses the diff in process too)
         self.scheduler = Scheduler(scheduler_config, cache_config, self.num_blocks,
-                                   spec_max_batch=exit_config.spec_max_batch if exit_config is not None else 1)
+                                   spec_max_batch=exit_config.spec_max_batch if exit_config is not None else 1,
+                                   step_diff=self.workers.local is None or os.environ.get("EESERVE_STEP_DIFF") == "1")
         gib = 1 << 30
         logger.info("engine on %s (%s, tensor_parallel_size=%d): weights %.3f GiB, KV cache %.3f GiB = %d blocks "
                     "x %d tokens per rank%s", parallel_config.device, model_config.dtype,
@@ -291,8 +296,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns a delta for every request that got a token or failed."""
         so = self.scheduler.schedule()
-        if so.is_empty and not so.finished_req_ids:
-            return []
+        if so.is_empty and not so.finished_req_ids and not so.preempted_req_ids:
+            return []  # (the ranks hear of every finish and preemption: their state follows the scheduler's)
         failed: list[Request] = []
         for sr in so.scheduled:
             req = self.scheduler.get_request(sr.request_id)

@@ -18,14 +18,17 @@ from cluster.model.exits import ExitResult, forward_with_exits
 from cluster.model.layers.quant import QuantizedWeight
 from cluster.model.layers.sampler import host_to_device, sample
 from cluster.model.llama import LlamaForCausalLM
+from cluster.core.step_message import StepMessage
 from cluster.worker.input_batch import InputPacker, RowState, build_step, sample_layout
+from cluster.worker.persistent_batch import PersistentBatch
 from cluster.worker.sampling_states import SamplingStates
 from cluster.worker.spec_decode import SpecDecoder
 
 
 class ModelRunner:
-    """Owns the model, its exit heads, this rank's paged KV cache and (driver rank) the per-request
-    sampling state (:class:`SamplingStates`).
+    """Owns the model, its exit heads, this rank's paged KV cache, the requests it holds between
+    iterations (:class:`PersistentBatch`) and (driver rank) the per-request sampling state
+    (:class:`SamplingStates`).
 
     The device is the model's (its parameters'): the KV cache, every per-iteration tensor and every
     tensor of the forward and the sampler live there. The KV cache is one tensor ``[num_layers, 2,
@@ -50,6 +53,7 @@ class ModelRunner:
         if num_blocks is not None:
             self.initialize_cache(num_blocks)
         self.sampling_states = SamplingStates()
+        self.batch = PersistentBatch()
         self.packer = InputPacker(block_size, self.device)
         self.spec_decoder = SpecDecoder(model, self.heads, self.kv_caches, self.packer, model_config.num_layers,
                                         self.sampling_states, is_driver)
@@ -161,6 +165,11 @@ class ModelRunner:
         idx = host_to_device([j for j, _, _ in again], torch.long, dev)
         result.logits.index_copy_(0, idx, full.logits)
         result.exit_layers.index_fill_(0, idx, self.model_config.num_layers)
+
+    def execute_step(self, msg: StepMessage) -> Optional[ModelRunnerOutput]:
+        """Apply an iteration's diff to the requests this rank holds (:meth:`PersistentBatch.apply`,
+        which raises RuntimeError when the rank diverged) and run it (:meth:`execute_model`)."""
+        return self.execute_model(self.batch.apply(msg))
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> Optional[ModelRunnerOutput]:

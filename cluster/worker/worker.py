@@ -8,6 +8,7 @@ import torch
 
 from cluster.config import ExitConfig, ModelConfig, ParallelConfig
 from cluster.core.outputs import ModelRunnerOutput, SchedulerOutput
+from cluster.core.step_message import StepMessage
 from cluster.distributed import destroy_tensor_parallel, init_tensor_parallel
 from cluster.model.loader import build_model
 from cluster.worker import memory
@@ -51,10 +52,18 @@ class Worker:
         self.runner = ModelRunner(model, model_config, exit_config, num_blocks, block_size, is_driver=rank == 0)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        """Run an iteration given whole (a hand-built output; the engine sends :meth:`execute_step`)."""
         if self.debug_default_device is None:
             return self.runner.execute_model(scheduler_output)
         with torch.device(self.debug_default_device):
             return self.runner.execute_model(scheduler_output)
+
+    def execute_step(self, msg: StepMessage) -> Optional[ModelRunnerOutput]:
+        """Run an iteration sent as a diff (:meth:`ModelRunner.execute_step`)."""
+        if self.debug_default_device is None:
+            return self.runner.execute_step(msg)
+        with torch.device(self.debug_default_device):
+            return self.runner.execute_step(msg)
 
     def determine_num_blocks(self, gpu_memory_utilization: float, max_num_batched_tokens: int, max_num_seqs: int,
                              max_model_len: int) -> memory.MemoryReport:

@@ -3,8 +3,9 @@
 ``tensor_parallel_size == 1`` runs the worker in-process (no process group). With N > 1 every rank
 is a Ray actor placed in a placement group (one bundle per rank: a GPU on GPU nodes, CPU otherwise;
 STRICT_PACK by default); rank 0's node address and a free port, found at run time, form the
-``torch.distributed`` rendezvous. Each iteration sends the same :class:`SchedulerOutput` to all
-ranks and returns rank 0's result.
+``torch.distributed`` rendezvous. Each iteration sends the same message to all ranks and returns
+rank 0's result: the scheduler's diff (``SchedulerOutput.step``, :mod:`cluster.core.step_message`)
+applied to the requests each rank holds, or a hand-built :class:`SchedulerOutput` as it is.
 
 Ray APIs: ``ray.util.placement_group``, ``PlacementGroupSchedulingStrategy``
 (https://docs.ray.io/en/latest/ray-core/scheduling/placement-group.html).
@@ -102,11 +103,17 @@ class WorkerGroup:
             RuntimeError: a rank raised or died (its peers' collectives then fail too; the group
                 is unusable afterwards).
         """
+        method, arg = "execute_model", scheduler_output
+        msg = scheduler_output.step
+        if msg is not None:  # the guided masks the engine computed after scheduling travel with it
+            method, arg = "execute_step", msg
+            msg.guided_bitmasks = {i: sr.guided_bitmask for i, sr in enumerate(scheduler_output.scheduled)
+                                   if sr.guided_bitmask is not None}
         if self.local is not None:
-            return self.local.execute_model(scheduler_output)
+            return getattr(self.local, method)(arg)
         import ray
 
-        refs = [a.execute_model.remote(scheduler_output) for a in self.actors]
+        refs = [getattr(a, method).remote(arg) for a in self.actors]
         try:
             return ray.get(refs)[0]  # raises the first rank's error without waiting for the others
         except ray.exceptions.RayError as e:
