@@ -201,7 +201,7 @@ class _ExitPass:
         self.joins, self.stage = batch.joins, 0  # shallowest first
         self.waiting = sum(j.num_rows for j in self.joins)
         if self.joins and meta.num_decodes:  # the shared decode mask, built once before the suffix views
-            meta.decode_mask(kv_caches[0].shape[2])
+            meta.decode_mask(kv_caches[0].shape[2], kv_caches[0].dtype)
 
     def join_rows(self, i: int) -> None:
         """Rows whose first ``i`` layers ran join with their kept states before layer ``i + 1``."""

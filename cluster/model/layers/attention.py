@@ -41,13 +41,17 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     _decode_mask: Optional[torch.Tensor] = field(default=None, repr=False)
 
-    def decode_mask(self, block_size: int) -> torch.Tensor:
-        """``[D, 1, 1, max_blocks * block_size]`` bool: key slot visible to each decode query; built
-        at the first layer's call and reused by the others (one iteration, one metadata)."""
+    def decode_mask(self, block_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[D, 1, 1, max_blocks * block_size]`` additive mask in ``dtype`` (the queries' dtype): 0 where
+        the key slot is visible to the decode query, -inf elsewhere; built at the first layer's call
+        and reused by the others (one iteration, one metadata). Additive, not bool: SDPA would
+        convert a bool mask to this one (``where`` + ``scalar_tensor``) at every layer."""
         if self._decode_mask is None:
             S = self.decode_block_tables.shape[1] * block_size
             pos = torch.arange(S, device=self.decode_context_lens.device)
-            self._decode_mask = (pos < self.decode_context_lens.unsqueeze(1)).view(-1, 1, 1, S)
+            visible = pos < self.decode_context_lens.unsqueeze(1)
+            self._decode_mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
+                ~visible, float("-inf")).view(-1, 1, 1, S)
         return self._decode_mask
 
     def suffix(self, start: int) -> "AttentionMetadata":
@@ -82,7 +86,7 @@ def write_kv(kv_cache: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tenso
     """Store ``kv: [2, T, KVH, d]`` (K and V of ``T`` tokens, any strides) at their slots of the
     layer's ``kv_cache: [2, num_blocks, block_size, KVH, d]`` (one ``index_copy_``)."""
     kvh, d = kv_cache.shape[-2:]
-    kv_cache.view(2, -1, kvh, d).index_copy_(1, slot_mapping, kv.to(kv_cache.dtype))
+    kv_cache.view(2, -1, kvh, d).index_copy_(1, slot_mapping, kv if kv.dtype == kv_cache.dtype else kv.to(kv_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -121,6 +125,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     _, _, bs, kvh, d = kv_cache.shape
     D, width = meta.decode_block_tables.shape
     kv = kv_cache[:, meta.decode_block_tables].view(2, D, width * bs, kvh, d).transpose(2, 3)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[0], kv[1], attn_mask=meta.decode_mask(bs), scale=scale,
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[0], kv[1], attn_mask=meta.decode_mask(bs, q.dtype),
+                                       scale=scale,
                                        enable_gqa=True)
     return o.squeeze(2)
