@@ -43,8 +43,10 @@ from cluster.request import ExitPlan, Request
 VERIFIED_PASS_COST = 0.28
 # modes whose drafts cost a known fraction of a step each (ExitPlan.draft_cost): k is chosen by gain()
 FIXED_COST_MODES = ("self_speculative", "layer_skip")
-# Measured (bench/skip_cost.py, default model, shared 2-core CPU): decode rows one forward takes before
-# its time grows with the rows (the roofline's ridge, in rows): see the docstring's step(n).
+# An estimate, not yet pinned by a measurement: decode rows one forward takes before its time grows
+# with the rows (the roofline's ridge, in rows; see the docstring's step(n)). bench/skip_cost.py on a
+# loaded 2-core CPU gave a full step at batch 4 / 16 of 1.4-2.6x / 3.6-4.3x batch 1: between 1 and 8
+# rows is all it says. Re-measure it on a quiet machine (python -m bench.skip_cost).
 RIDGE_ROWS = 8.0
 
 
