@@ -56,10 +56,12 @@ class SkipCandidate:
 
 
 def modelled(acceptance: float, k: int, draft_cost: float) -> tuple[float, float]:
-    """``(tokens per verification, modelled speedup)`` of ``k`` drafts with per-draft acceptance
-    ``acceptance`` and cost ``draft_cost`` (fraction of a decode step) each; see the module docstring."""
-    gain = DraftLengthController.gain(acceptance, k, draft_cost)
-    return gain * (1.0 + k * draft_cost), gain
+    """``(tokens per verification, modelled speedup)`` of at most ``k`` drafts with per-draft
+    acceptance ``acceptance`` and cost ``draft_cost`` (fraction of a decode step) each, at the draft
+    length in ``1..k`` that the adaptive draft control would pick (the best gain); see the module docstring."""
+    best = max(range(1, max(1, k) + 1), key=lambda kk: DraftLengthController.gain(acceptance, kk, draft_cost))
+    gain = DraftLengthController.gain(acceptance, best, draft_cost)
+    return gain * (1.0 + best * draft_cost), gain
 
 
 class SkipScorer:
