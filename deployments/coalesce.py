@@ -58,7 +58,8 @@ class Coalesced:
     exception item (that one comes next, alone). An exception raised by ``source`` is raised after the
     buffered deltas; its end ends this iterator. :attr:`num_items` (items returned) and
     :attr:`num_deltas` (deltas read) count the coalescing. :meth:`aclose` stops the reader task and
-    closes ``source`` (which, for the engine's stream, aborts the request).
+    closes ``source`` (which, for the engine's stream, aborts the request); :meth:`cancel` only stops
+    the reader task, without awaiting.
     """
 
     def __init__(self, source: AsyncIterator[Item]):
@@ -105,6 +106,12 @@ class Coalesced:
         self.num_items += 1
         self.num_deltas += len(outs)
         return merge_outputs(outs)
+
+    def cancel(self) -> None:
+        """Stop reading ahead without waiting (for a ``finally`` that must not await: under anyio's
+        cancel scopes every await of a cancelled task raises again). ``source`` is left to its owner."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def aclose(self) -> None:
         """Stop reading ahead and close ``source``."""

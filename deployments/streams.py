@@ -136,7 +136,7 @@ class FanOut:
                     item = e
         finally:
             cancel(s.stream)  # no-op after the end; aborts the request on disconnect
-            await reader.aclose()
+            reader.cancel()  # no await here: on a disconnect this task is being cancelled
             self.metrics.ended(reason, c.arrival, c.first_token, len(c.token_ids))
 
     async def merged(self, streams: list[Stream]) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:
