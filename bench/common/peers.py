@@ -1,5 +1,5 @@
-"""Peers of eeserve for side-by-side benchmarks: llama-cpp-python on the same GGUF and Hugging Face
-transformers ``generate`` on the same float32 weights.
+"""Peers of eeserve for side-by-side benchmarks: llama-cpp-python and llama.cpp's ``llama-server``
+on the same GGUF, and Hugging Face transformers ``generate`` on the same float32 weights.
 
 Every peer run has the interface of :func:`bench.common.engines.run_engine`:
 ``run(prompt_ids, batch, max_tokens) -> (outputs, tokens_per_s, mean_exit_layer, exit_layer_counts)``
@@ -10,13 +10,16 @@ the full model (``mean_exit_layer`` = the layer count, no counts).
 llama-cpp-python is an optional extra (``pip install -e ".[peers]"``, it compiles llama.cpp);
 :func:`llama_cpp_available` says whether it is installed. :func:`llama_cpp_server` starts its
 OpenAI-compatible server (``python -m llama_cpp.server``) for the concurrent HTTP comparison in
-:mod:`bench.serving` (``--peer llama-cpp``).
+:mod:`bench.serving` (``--peer llama-cpp``). :func:`llama_server` starts llama.cpp's own
+``llama-server`` with continuous batching (``--peer llama-server``; the binary is found by
+:func:`llama_server_binary`, built by ``bench/build_llama_server.sh``).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -181,26 +184,17 @@ def eog_token_ids(path: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def llama_cpp_server(path: str, n_threads: Optional[int] = None, n_ctx: int = 4096, timeout_s: float = 180.0,
-                     log_path: Optional[str] = None) -> Iterator[str]:
-    """Run ``python -m llama_cpp.server --model <path>`` on a free local port for the ``with`` block;
-    yields its OpenAI base URL (``http://127.0.0.1:<port>/v1``) once ``/v1/models`` answers, and
-    terminates the process (only this one) on exit. It serves one request at a time: concurrent ones
-    wait for a lock (``--interrupt_requests False``), and each reuses the longest prompt prefix of
-    the one before it. Its output goes to ``log_path`` (default: dropped).
+def _server_process(cmd: list[str], port: int, name: str, timeout_s: float,
+                    log_path: Optional[str]) -> Iterator[str]:
+    """Run ``cmd`` (an OpenAI-compatible server listening on ``port``) for the ``with`` block; yields
+    ``http://127.0.0.1:<port>/v1`` once ``/v1/models`` answers 200 and terminates the process (only
+    this one) on exit. Its output goes to ``log_path`` (default: dropped).
 
     Raises:
         RuntimeError: the server exited or did not answer within ``timeout_s`` seconds.
     """
     import httpx
 
-    from deployments.testing import free_port
-
-    n = n_threads or default_threads()
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
-           "--n_threads", str(n), "--n_threads_batch", str(n), "--n_ctx", str(n_ctx),
-           "--interrupt_requests", "False"]  # queue concurrent requests (the default cancels the running one)
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -208,14 +202,14 @@ def llama_cpp_server(path: str, n_threads: Optional[int] = None, n_ctx: int = 40
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {proc.returncode} (command: {' '.join(cmd)})")
+                raise RuntimeError(f"{name} exited with {proc.returncode} (command: {' '.join(cmd)})")
             try:
                 if httpx.get(f"{url}/models", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server did not answer within {timeout_s:.0f} s")
+                raise RuntimeError(f"{name} did not answer within {timeout_s:.0f} s")
             time.sleep(0.5)
         yield url
     finally:
@@ -228,3 +222,64 @@ def llama_cpp_server(path: str, n_threads: Optional[int] = None, n_ctx: int = 40
         if log is not subprocess.DEVNULL:
             log.close()
 
+
+def llama_cpp_server(path: str, n_threads: Optional[int] = None, n_ctx: int = 4096, timeout_s: float = 180.0,
+                     log_path: Optional[str] = None):
+    """Run ``python -m llama_cpp.server --model <path>`` on a free local port for the ``with`` block;
+    yields its OpenAI base URL (``http://127.0.0.1:<port>/v1``) once ``/v1/models`` answers, and
+    terminates the process (only this one) on exit. It serves one request at a time: concurrent ones
+    wait for a lock (``--interrupt_requests False``), and each reuses the longest prompt prefix of
+    the one before it. Its output goes to ``log_path`` (default: dropped).
+
+    Raises:
+        RuntimeError: the server exited or did not answer within ``timeout_s`` seconds.
+    """
+    from deployments.testing import free_port
+
+    n = n_threads or default_threads()
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
+           "--n_threads", str(n), "--n_threads_batch", str(n), "--n_ctx", str(n_ctx),
+           "--interrupt_requests", "False"]  # queue concurrent requests (the default cancels the running one)
+    return _server_process(cmd, port, "llama_cpp.server", timeout_s, log_path)
+
+
+LLAMA_SERVER_ENV = "EESERVE_LLAMA_SERVER"
+
+
+def llama_server_binary() -> Optional[str]:
+    """Path of llama.cpp's ``llama-server``: ``$EESERVE_LLAMA_SERVER``, else ``llama-server`` on
+    ``PATH``, else the one ``bench/build_llama_server.sh`` builds (``$EESERVE_LLAMA_DIR/bin``, default
+    ``~/.cache/eeserve/llama/bin``); None when none of them is an executable file."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    built = os.path.join(os.environ.get("EESERVE_LLAMA_DIR") or os.path.join(cache, "eeserve", "llama"),
+                         "bin", "llama-server")
+    for cand in (os.environ.get(LLAMA_SERVER_ENV), shutil.which("llama-server"), built):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def llama_server(path: str, n_threads: Optional[int] = None, parallel: int = 16, ctx_per_slot: int = 2048,
+                 timeout_s: float = 180.0, log_path: Optional[str] = None, binary: Optional[str] = None):
+    """Run llama.cpp's own ``llama-server`` on the GGUF at ``path`` with continuous batching for the
+    ``with`` block: ``parallel`` slots (``-np``) sharing a KV cache of ``parallel * ctx_per_slot``
+    tokens (``-c``), ``n_threads`` threads for decode and prompt (default: the cores); yields its
+    OpenAI base URL (``http://127.0.0.1:<port>/v1``). Requests take ``ignore_eos`` as ours do.
+
+    Raises:
+        FileNotFoundError: no ``llama-server`` (:func:`llama_server_binary`; build it with
+            ``bash bench/build_llama_server.sh`` or ``make llama-server``).
+        RuntimeError: the server exited or did not answer within ``timeout_s`` seconds.
+    """
+    from deployments.testing import free_port
+
+    exe = binary or llama_server_binary()
+    if exe is None:
+        raise FileNotFoundError(f"llama-server not found (${LLAMA_SERVER_ENV}, PATH, or build it: "
+                                "bash bench/build_llama_server.sh)")
+    n = n_threads or default_threads()
+    port = free_port()
+    cmd = [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
+           "-c", str(parallel * ctx_per_slot), "--cont-batching", "-t", str(n), "-tb", str(n)]
+    return _server_process(cmd, port, "llama-server", timeout_s, log_path)

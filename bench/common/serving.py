@@ -21,8 +21,9 @@ from tqdm import tqdm
 from bench.common.prompts import load_prompts
 from bench.common.results import print_table, save
 
-COLS = ["rate", "variant", "ok", "duration_s", "req_per_s", "out_tok_per_s", "ttft_p50", "ttft_p99", "tpot_p50",
-        "tpot_p99", "itl_p50", "itl_p99", "e2el_p50", "e2el_p99", "tpot_speedup", "mean_exit_layer", "mean_out_toks"]
+COLS = ["rate", "concurrency", "variant", "ok", "duration_s", "req_per_s", "out_tok_per_s", "ttft_p50", "ttft_p99", "tpot_p50",
+        "tpot_p99", "itl_p50", "itl_p99", "e2el_p50", "e2el_p99", "tpot_speedup", "mean_exit_layer", "mean_out_toks",
+        "toks_per_chunk"]
 
 
 @dataclass
@@ -129,6 +130,8 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
         "ok": len(ok), "failed": len(results) - len(ok), "duration_s": round(duration, 2),
         "req_per_s": round(len(ok) / duration, 3), "out_tok_per_s": round(out_toks / duration, 2),
         "total_output_tokens": out_toks, "mean_out_toks": round(out_toks / max(1, len(ok)), 1),
+        "content_chunks": sum(r.chunks for r in ok),
+        "toks_per_chunk": round(out_toks / max(1, sum(r.chunks for r in ok)), 3),
         "prompt_tokens": sum(r.prompt_tokens for r in ok), "cached_prompt_tokens": sum(r.cached_tokens for r in ok),
         "mean_exit_layer": (round(sum(int(k) * v for k, v in counts.items()) / n_layers_seen, 2)
                             if n_layers_seen else None),
@@ -185,6 +188,8 @@ def variants(args, base_url: str, peers: dict[str, str]) -> dict[str, tuple[str,
             body = {"repeat_penalty": 1.0}
             if args.ignore_eos:
                 body["logit_bias"] = {str(t): -100.0 for t in args.peer_eog_ids}
+        elif name == "llama-server":  # llama.cpp's server takes ignore_eos as ours does
+            body = {"repeat_penalty": 1.0, **({"ignore_eos": True} if args.ignore_eos else {})}
         else:
             body = {"ignore_eos": True} if args.ignore_eos else None
         vs[name] = (url, body)
@@ -210,29 +215,42 @@ async def benchmark(args, vs: dict[str, tuple[str, Optional[dict]]]) -> tuple[st
             if not r.ok:
                 raise RuntimeError(f"warm-up request ({name}) failed: {r.error}")
         rows, run = [], 0
-        for k, rate in enumerate(args.request_rates):
+        for k, (rate, conc) in enumerate(load_points(args)):
             order = list(vs) if k % 2 == 0 else list(vs)[::-1]
+            n = conc * args.rounds if conc else args.num_prompts
+            point = load_prompts(n, args.prompt_offset) if conc else prompts
             for name in order:
                 run += 1
                 url, body = vs[name]
-                tagged = [f"[run {run}] {p}" for p in prompts] if args.tag_prompts else prompts
+                tagged = [f"[run {run}] {p}" for p in point] if args.tag_prompts else point
+                label = f"concurrency {conc}" if conc else f"rate {rate:g}"
                 results, duration = await run_load(clients[url], models[url], tagged, rate, args.seed,
-                                                   args.max_tokens, args.temperature, body, args.max_concurrency,
-                                                   desc=f"rate {rate:g} {name}")
-                row = {"rate": "inf" if math.isinf(rate) else rate, "variant": name, "order": run,
-                       **summarize(results, duration)}
+                                                   args.max_tokens, args.temperature, body,
+                                                   conc or args.max_concurrency, desc=f"{label} {name}")
+                row = {"rate": "inf" if math.isinf(rate) else rate, "concurrency": conc, "variant": name,
+                       "order": run, **summarize(results, duration)}
                 rows.append(row)
-                print(f"rate {rate:g} {name}: {row['ok']} ok, {row['failed']} failed, {row['duration_s']} s, "
+                print(f"{label} {name}: {row['ok']} ok, {row['failed']} failed, {row['duration_s']} s, "
                       f"{row['out_tok_per_s']} tok/s, mean exit layer {row['mean_exit_layer']}", flush=True)
-            off = next(r for r in rows if r["rate"] == rows[-1]["rate"] and r["variant"] == "ee-off")
+            key = (rows[-1]["rate"], rows[-1]["concurrency"])
+            off = next((r for r in rows if (r["rate"], r["concurrency"]) == key and r["variant"] == "ee-off"), None)
             for r in rows:
-                if r["rate"] == off["rate"]:
+                if off is not None and (r["rate"], r["concurrency"]) == key:
                     r["tpot_speedup"] = (round(off["tpot_p50"] / r["tpot_p50"], 3)
                                          if off["tpot_p50"] and r["tpot_p50"] else None)
-        return models[vs["ee-off"][0]], rows
+        return models[next(iter(vs.values()))[0]], rows
     finally:
         for c in clients.values():
             await c.close()
+
+
+def load_points(args) -> list[tuple[float, Optional[int]]]:
+    """``(request rate, concurrency)`` of each load point: with ``--concurrency``, every value ``c``
+    sends ``c * --rounds`` requests at once with at most ``c`` in flight (closed loop: ``c``
+    concurrent streams); otherwise each ``--request-rates`` value with Poisson arrivals."""
+    if args.concurrency:
+        return [(math.inf, c) for c in args.concurrency]
+    return [(r, None) for r in args.request_rates]
 
 
 def parse_args(argv=None, description: str = "Online serving benchmark") -> argparse.Namespace:
@@ -256,14 +274,22 @@ def parse_args(argv=None, description: str = "Online serving benchmark") -> argp
     ap.add_argument("--threshold", type=float, default=None,
                     help="ee-on's exit threshold (request field early_exit.threshold); default: the server's")
     ap.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (as in vLLM)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None,
+                    help="closed-loop load points instead of --request-rates: C concurrent streams, "
+                         "C * --rounds requests each")
+    ap.add_argument("--rounds", type=int, default=2, help="(--concurrency) requests per stream")
+    ap.add_argument("--variants", nargs="+", default=["ee-off", "ee-on"], choices=["ee-off", "ee-on"],
+                    help="our variants to run (the peers always run)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the inter-arrival times")
     ap.add_argument("--no-tag-prompts", dest="tag_prompts", action="store_false",
                     help="send the prompts unchanged (runs after the first may then hit the prefix cache)")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
     ap.add_argument("--ignore-eos", action="store_true", help="every request runs to --max-tokens")
-    ap.add_argument("--peer", choices=["llama-cpp"], action="append", default=[],
+    ap.add_argument("--peer", choices=["llama-cpp", "llama-server"], action="append", default=[],
                     help="start a peer server on the same model and add it as a variant (llama-cpp: "
-                         "llama-cpp-python's server on the GGUF, pip install -e '.[peers]')")
+                         "llama-cpp-python's server on the GGUF, pip install -e '.[peers]'; llama-server: "
+                         "llama.cpp's own server with continuous batching, bench/build_llama_server.sh)")
+    ap.add_argument("--peer-parallel", type=int, default=16, help="(--peer llama-server) slots, -np")
     ap.add_argument("--peer-url", default=None, help="another OpenAI-compatible server, variant 'peer'")
     ap.add_argument("--peer-threads", type=int, default=None, help="(--peer) threads; default: the cores")
     ap.add_argument("--peer-log", default=None, help="(--peer) file for the peer server's output")
@@ -279,11 +305,14 @@ def parse_args(argv=None, description: str = "Online serving benchmark") -> argp
     args = ap.parse_args(argv)
     if args.launch and args.base_url:
         ap.error("--launch and --base-url are exclusive")
-    if "llama-cpp" in args.peer:
-        from bench.common.peers import gguf_path
+    for peer in args.peer:
+        from bench.common.peers import gguf_path, llama_server_binary
 
         if gguf_path(args.model) is None:
-            ap.error("--peer llama-cpp needs a GGUF model (--model <file.gguf>, or the default model)")
+            ap.error(f"--peer {peer} needs a GGUF model (--model <file.gguf>, or the default model)")
+        if peer == "llama-server" and llama_server_binary() is None:
+            ap.error("--peer llama-server: no llama-server binary ($EESERVE_LLAMA_SERVER, PATH; "
+                     "build it: bash bench/build_llama_server.sh)")
     return args
 
 
@@ -301,13 +330,23 @@ def run(args: argparse.Namespace) -> dict:
             args.peer_eog_ids = eog_token_ids(gguf)
             peers["llama-cpp"] = stack.enter_context(llama_cpp_server(gguf, args.peer_threads, log_path=args.peer_log))
             print(f"llama-cpp-python server on {gguf} at {peers['llama-cpp']}", flush=True)
+        if "llama-server" in args.peer:
+            from bench.common.peers import gguf_path, llama_server
+
+            gguf = gguf_path(args.model)
+            peers["llama-server"] = stack.enter_context(llama_server(
+                gguf, args.peer_threads, parallel=args.peer_parallel,
+                log_path=args.peer_log and f"{args.peer_log}.llama-server"))
+            print(f"llama-server -np {args.peer_parallel} on {gguf} at {peers['llama-server']}", flush=True)
         base_url = launch_server(args) if launch else args.base_url.rstrip("/")
         if launch:
             stack.callback(shutdown_server)
-        vs = variants(args, base_url, peers)
+        vs = {k: v for k, v in variants(args, base_url, peers).items()
+              if k in peers or k in args.variants}
         model, rows = asyncio.run(benchmark(args, vs))
     num_layers = next((r["num_layers"] for r in rows if r["num_layers"]), None)
     return {"args": {**vars(args), "request_rates": [str(r) for r in args.request_rates]},
+            "machine": {"cpus": os.cpu_count(), "note": "shared machine: timings are noisy, compare ratios"},
             "base_url": None if launch else base_url, "model": model, "num_layers": num_layers,
             "peers": peers, "units": {"ttft/tpot/itl/e2el": "ms", "req_per_s": "requests/s",
                                       "out_tok_per_s": "output tokens/s"},
@@ -331,8 +370,10 @@ def peer_ratios(rows: list[dict], peers: dict[str, str]) -> list[dict]:
     for peer in peers:
         for p in (r for r in rows if r["variant"] == peer):
             for r in rows:
-                if r["rate"] == p["rate"] and r["variant"] in ("ee-off", "ee-on"):
-                    out.append({"rate": r["rate"], "variant": r["variant"], "peer": peer,
+                if (r["rate"], r.get("concurrency")) == (p["rate"], p.get("concurrency")) \
+                        and r["variant"] in ("ee-off", "ee-on"):
+                    out.append({"rate": r["rate"], "concurrency": r.get("concurrency"), "variant": r["variant"],
+                                "peer": peer,
                                 "tok_per_s_ratio": (round(r["out_tok_per_s"] / p["out_tok_per_s"], 3)
                                                     if p["out_tok_per_s"] else None),
                                 "tpot_p50_ratio": (round(p["tpot_p50"] / r["tpot_p50"], 3)
