@@ -195,12 +195,10 @@ class LLMEngine:
         if not lossless and (req.draft_layer is not None or req.num_draft_tokens is not None):
             raise InvalidRequestError("early_exit", "early_exit: draft_layer and num_draft_tokens need mode "
                                       + " or ".join(repr(m) for m in LOSSLESS_MODES))
-        if mode != "layer_skip" and req.skip_layers is not None:
-            raise InvalidRequestError("early_exit", "early_exit.skip_layers: only with mode 'layer_skip'"
-                                      + (f", not {mode!r}" if mode else " (the request names no mode)"))
-        if mode != "layer_skip" and req.skip_selection is not None:
-            raise InvalidRequestError("early_exit", "early_exit.skip_selection: only with mode 'layer_skip'"
-                                      + (f", not {mode!r}" if mode else " (the request names no mode)"))
+        for name in ("skip_layers", "skip_selection"):  # layer_skip's own settings
+            if mode != "layer_skip" and getattr(req, name) is not None:
+                raise InvalidRequestError("early_exit", f"early_exit.{name}: only with mode 'layer_skip'"
+                                          + (f", not {mode!r}" if mode else " (the request names no mode)"))
         if mode == "layer_skip" and req.draft_layer is not None:
             raise InvalidRequestError("early_exit", "early_exit.draft_layer: only with mode 'self_speculative' "
                                       "(layer_skip drafts with every layer but skip_layers)")

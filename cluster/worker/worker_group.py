@@ -113,6 +113,7 @@ class WorkerGroup:
             return getattr(self.local, method)(arg)
         import ray
 
+        arg = ray.put(arg)  # serialized once for every rank, not once per actor call
         refs = [getattr(a, method).remote(arg) for a in self.actors]
         try:
             return ray.get(refs)[0]  # raises the first rank's error without waiting for the others
