@@ -44,7 +44,7 @@ def cmd_generate(args) -> int:
         early_exit = model_exit_config_with(args.model, **overrides)  # the model's exit config, fields replaced
     llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, early_exit=early_exit, dtype=args.dtype,
               device=args.device, gpu_memory_utilization=args.gpu_memory_utilization, quantization=args.quantization,
-              torch_compile=args.torch_compile)
+              torch_compile={"true": True, "false": False}.get(args.torch_compile, "auto"))
     try:
         ec = llm.engine.exit_config
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weight-only quantized linear layers and LM head (auto: int4 for a Q4 GGUF such as the "
                         "default model on the CPU, else none)")
-    g.add_argument("--torch-compile", action="store_true",
-                   help="torch.compile the decoder layers (slower start-up, faster steps)")
+    g.add_argument("--torch-compile", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
+                   help="compiled decode graphs (torch.compile; slower first start, faster steps); auto: on "
+                        "on the CPU at tensor-parallel size 1")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="CUDA: fraction of the GPU's memory this engine may use (weights, activations, KV cache)")
     g.add_argument("--compact", action="store_true", help="print statistics on one line")

@@ -38,7 +38,9 @@ class ServeArgs(BaseModel):
     quantization: Literal["auto", "none", "int8", "int4"] = Field(
         "auto", description="weight-only int8 / int4 linear layers and LM head; auto: the checkpoint's own "
                             "precision on the CPU (int4 for a Q4 GGUF such as the default model), none on CUDA")
-    torch_compile: bool = Field(False, description="torch.compile the decoder layers (slower start-up, faster steps)")
+    torch_compile: Union[bool, Literal["auto"]] = Field(
+        "auto", description="compiled decode graphs (torch.compile: slower first start, faster steps); "
+                            "auto: on for the CPU at tensor-parallel size 1")
     max_model_len: Optional[int] = Field(None, ge=2)
     early_exit: bool = Field(True, description="False serves the full model; True uses the model's exit config")
     exit_threshold: Optional[float] = Field(None, ge=0.0, le=1.0, description="overrides the model's threshold")

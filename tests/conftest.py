@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# torch_compile="auto" compiles on the CPU (minutes of start-up per engine on 2 cores); the suite runs
+# eager engines unless a test asks for torch_compile=True (tests/test_compile.py)
+os.environ.setdefault("EESERVE_TORCH_COMPILE", "0")
 
 TOPICS = ["the moon", "bread", "rivers", "a bicycle", "volcanoes", "chess", "bees", "glass", "the ocean",
           "trains", "music", "winter", "maps", "coffee", "robots", "forests"]

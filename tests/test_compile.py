@@ -37,6 +37,7 @@ def test_compiled_layers_match_eager_and_do_not_recompile_per_layer(tiny_model_d
         try:
             # batch 1 (decode T == 1), then a batch of 4 (prefill and decode T >= 2), twice
             outs[compiled] = [_run(llm, PROMPTS[:1]), _run(llm, PROMPTS), _run(llm, PROMPTS[::-1])]
+            segments = llm.engine.workers.local.runner._decode_segments()
         finally:
             llm.shutdown()
     for eager_batch, compiled_batch in zip(outs[False], outs[True]):
@@ -45,6 +46,62 @@ def test_compiled_layers_match_eager_and_do_not_recompile_per_layer(tiny_model_d
             assert e.token_ids[0] == c.token_ids[0]
             assert math.isclose(e.logprobs[0].logprob, c.logprobs[0].logprob, abs_tol=1e-2)
             assert e.exit_layers[0] == c.exit_layers[0]
-    # graphs: attn_in and attn_out, each for T == 1, T >= 2 (and one more attention-output layout);
-    # a per-layer or per-batch-size recompile would show up as dozens
-    assert 2 <= counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
+    # graphs: attn_in and attn_out, each for T == 1, T >= 2 (and one more attention-output layout),
+    # plus the decode graphs, D == 1 and D >= 2 for each segment (the whole decoder, and the segments
+    # between the exit layers 1 and 2); a per-layer or per-batch-size recompile would show up as dozens
+    assert len(segments) == 4
+    assert 2 * len(segments) + 2 <= counters["stats"]["unique_graphs"] <= 2 * len(segments) + 6, dict(counters["stats"])
+
+
+def _decode_graph_count(graphs) -> int:
+    """Graphs Dynamo holds for the decode-segment function (one per guard set)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(graphs._segment._torchdynamo_orig_callable.__code__))
+
+
+LONG = " ".join(["The history of bread goes back thousands of years, to the first farmers."] * 4)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_compiled_decode_graphs_serve_every_batch_and_context_without_recompiling(tiny_model_dir, quantization):
+    """The full model's decode iterations run as compiled graphs (cluster.model.compile.DecodeGraphs),
+    built at start-up for D == 1 and D >= 2: batches of 1, 3 and 5 rows whose contexts span one block
+    (a short prompt) to many (a long one, growing across blocks while decoding) add no graph, and the
+    answers match the eager engine's (first token equal, its logprob within float tolerance; later
+    tokens may part at a near-tie, so the run must agree on most of them)."""
+    import torch._dynamo
+
+    from cluster.model.compile import decode_graphs
+
+    torch._dynamo.reset()
+    kw = dict(block_size=8, num_blocks=256, quantization=quantization, enable_prefix_caching=False, early_exit=None)
+    prompts = ["Hi", LONG, "List three rivers:", LONG + " And then?", "Chess"]
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
+    outs = {}
+    for compiled in (False, True):
+        llm = LLM(tiny_model_dir, torch_compile=compiled, **kw)
+        try:
+            runner = llm.engine.workers.local.runner
+            graphs = decode_graphs(runner.model)
+            assert (graphs is not None) == compiled
+            if compiled:
+                assert _decode_graph_count(graphs) == 2  # warm-up: the whole decoder, D == 1 and D >= 2
+                calls = []
+                run = graphs.run
+                graphs.run = lambda *a: calls.append(a[0].shape[0]) or run(*a)
+            outs[compiled] = [llm.generate(prompts[:1], params), llm.generate(prompts[:3], params),
+                              llm.generate(prompts, params)]
+            if compiled:
+                assert _decode_graph_count(graphs) == 2
+                assert {1, 3, 5} <= set(calls), sorted(set(calls))
+        finally:
+            llm.shutdown()
+    agree = total = 0
+    for eager_batch, compiled_batch in zip(outs[False], outs[True]):
+        for e, c in zip(eager_batch, compiled_batch):
+            assert e.token_ids[0] == c.token_ids[0]
+            assert math.isclose(e.logprobs[0].logprob, c.logprobs[0].logprob, abs_tol=1e-2)
+            agree += sum(a == b for a, b in zip(e.token_ids, c.token_ids))
+            total += len(e.token_ids)
+    assert agree >= 0.8 * total, (agree, total)

@@ -41,7 +41,7 @@ def test_default_model_matches_hf_float32(default_model_dir):
     ids = _ids(default_model_dir)
     llm = LLM(default_model_dir, early_exit=None, num_blocks=256, **CUDA)
     try:
-        assert llm.engine.workers.local.runner.kv_cache.device.type == "cuda"
+        assert llm.engine.workers.local.runner.kv_caches[0].device.type == "cuda"
         outs = llm.generate(ids, SamplingParams(max_tokens=32, ignore_eos=True))
         ours = [o.token_ids for o in outs]
         assert all(o.exit_layers == [llm.engine.model_config.num_layers] * 32 for o in outs)

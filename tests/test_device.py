@@ -182,7 +182,7 @@ def test_model_runner_follows_the_models_device(tiny_model_dir):
     mc = ModelConfig.from_hf_config(load_hf_config(tiny_model_dir))
     model = build_model(tiny_model_dir, mc, device="meta")
     runner = ModelRunner(model, mc, None, 16, 4)
-    assert runner.device.type == "meta" and runner.kv_cache.device.type == "meta"
+    assert runner.device.type == "meta" and runner.kv_caches[0].device.type == "meta"
     assert model.model.layers[0].self_attn.rotary.cos.device.type == "meta"
     sp = SamplingParams()
     so = SchedulerOutput([ScheduledRequest("a", [5], 9, [0, 1, 2], True, True, sp),
@@ -249,10 +249,10 @@ def test_sync_counter_sees_the_usual_syncs():
     assert c.total == 8, c.calls
 
 
-def count_decode_syncs(model_dir, early_exit, n_tokens=10):
+def count_decode_syncs(model_dir, early_exit, n_tokens=10, torch_compile=False):
     """Per decode iteration (every scheduled request a decode token): ``(syncs, exit checks made,
     the calls)`` counted over ``ModelRunner.execute_model``."""
-    llm = LLM(model_dir, early_exit=early_exit, block_size=4, num_blocks=256)
+    llm = LLM(model_dir, early_exit=early_exit, block_size=4, num_blocks=256, torch_compile=torch_compile)
     runner = llm.engine.workers.local.runner
     execute, forward = runner.execute_model, runner.forward
     seen, results = [], []
@@ -279,20 +279,22 @@ def count_decode_syncs(model_dir, early_exit, n_tokens=10):
 
 
 @pytest.mark.timeout(300)
-def test_full_model_decode_makes_one_sync(tiny_model_dir):
-    seen = count_decode_syncs(tiny_model_dir, None)
+@pytest.mark.parametrize("torch_compile", [False, True])
+def test_full_model_decode_makes_one_sync(tiny_model_dir, torch_compile):
+    """Eager and compiled (the decode step as one graph, ``cluster.model.compile``) alike."""
+    seen = count_decode_syncs(tiny_model_dir, None, torch_compile=torch_compile)
     assert {total for total, _, _ in seen} == {1}, seen  # the sampler's single transfer, nothing else
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("policy", ["paper", "per_sequence"])
-def test_early_exit_decode_syncs_within_documented_bound(tiny_model_dir, policy):
+@pytest.mark.parametrize("policy,torch_compile", [("paper", False), ("per_sequence", False), ("per_sequence", True)])
+def test_early_exit_decode_syncs_within_documented_bound(tiny_model_dir, policy, torch_compile):
     """``forward_with_exits``' docstring: one sync per exit layer checked, plus one for the sampled
     tokens and exit layers together; so at most ``len(exit_layers) + 1`` per decode iteration, plus
     (``ModelRunner.forward``) one read of the exited rows' argmax for the stop-token rule when rows
     exited (subtracted by ``count_decode_syncs``)."""
     ee = ExitConfig(policy=policy, **EXITS["max_prob"])
-    seen = count_decode_syncs(tiny_model_dir, ee)
+    seen = count_decode_syncs(tiny_model_dir, ee, torch_compile=torch_compile)
     for total, checks, calls in seen:
         assert total <= checks + 1 <= len(ee.exit_layers) + 1, (total, checks, calls)
         assert set(calls) <= {"tolist"}, calls
@@ -337,7 +339,7 @@ def test_kv_cache_sized_from_device_memory(tiny_model_dir, monkeypatch, caplog):
         runner = llm.engine.workers.local.runner
         expected = min(128 * mib - runner.weights_bytes, 192 * mib) // runner.block_bytes
         assert llm.engine.num_blocks == runner.num_blocks == expected
-        assert runner.kv_cache.shape[2] == expected
+        assert runner.kv_caches[0].shape[1] == expected
         rep = llm.engine.memory_report
         assert rep.weights_bytes == runner.weights_bytes and rep.kv_cache_bytes == expected * runner.block_bytes
         assert f"= {expected} blocks" in caplog.text and "weights" in caplog.text and "KV cache" in caplog.text

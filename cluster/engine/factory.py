@@ -143,14 +143,38 @@ def resolve_quantization(quantization: str, model_dir: str, device: str) -> str:
     return checkpoint_quantization(model_dir)
 
 
+def resolve_torch_compile(torch_compile: Union[bool, str], device: str, tensor_parallel_size: int) -> bool:
+    """``auto`` -> whether to compile (True / False pass through).
+
+    ``auto`` is on for the CPU at tensor-parallel size 1, off on CUDA and under tensor parallelism:
+    on the CPU the compiled decode step measured 1.3-1.4x the eager one at batch 1 and 1.2-1.3x at
+    batch 16 (``bench/compile_step.py``, README "Performance"), for 50-70 s of compilation at the
+    first start on a machine and about 15 s at later starts (Inductor's cache under
+    ``$EESERVE_CACHE_DIR/inductor``); CUDA graphs and the tensor-parallel all-reduce inside graphs are
+    not measured yet. The environment variable ``EESERVE_TORCH_COMPILE`` (``0`` / ``1``) overrides
+    ``auto`` (the test suite sets ``0``).
+
+    Raises:
+        ValueError: not a bool or ``auto``.
+    """
+    if isinstance(torch_compile, bool):
+        return torch_compile
+    if torch_compile != "auto":
+        raise ValueError(f"torch_compile: must be true, false or 'auto', got {torch_compile!r}")
+    env = os.environ.get("EESERVE_TORCH_COMPILE", "").strip().lower()
+    if env:
+        return env not in ("0", "false", "off", "no")
+    return not str(device).startswith("cuda") and tensor_parallel_size == 1
+
+
 def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
                   early_exit: Union[ExitConfig, None, str] = MODEL_DEFAULT, dtype: str = "auto",
                   max_model_len: Optional[int] = None, block_size: int = 16, num_blocks: Optional[int] = None,
                   kv_cache_memory_bytes: int = 1 << 30, enable_prefix_caching: bool = True,
                   max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
                   gpu_memory_utilization: float = 0.9, debug_default_device: Optional[str] = None,
-                  quantization: str = "auto", quant_group_size: int = 32, torch_compile: bool = False,
-                  **worker_kwargs) -> LLMEngine:
+                  quantization: str = "auto", quant_group_size: int = 32,
+                  torch_compile: Union[bool, str] = "auto", **worker_kwargs) -> LLMEngine:
     """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
 
     ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
@@ -164,8 +188,10 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     (weight-only, asymmetric groups of ``quant_group_size`` input features; the LM head int8) for every
     linear layer of the decoder and the LM head; each tensor-parallel rank quantizes its own shard
     after loading. Trained exit heads' small adapters and exit classifiers stay float.
-    ``torch_compile``: compile the decoder layers' dense halves with ``torch.compile``
-    (:mod:`cluster.model.compile`; start-up pays the compilation, outputs may differ in the last bits).
+    ``torch_compile``: ``auto`` (the default, :func:`resolve_torch_compile`), True or False: run
+    decode iterations as compiled graphs and the other iterations' dense layer halves compiled
+    (:mod:`cluster.model.compile`; start-up pays the compilation once per machine, outputs may differ
+    in the last bits).
 
     Raises:
         FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype or quantization,
@@ -181,6 +207,7 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     dtype = resolve_dtype(dtype, device)
     model_dir = resolve_model_dir(model)
     quantization = resolve_quantization(quantization, model_dir, device)
+    torch_compile = resolve_torch_compile(torch_compile, device, tensor_parallel_size)
     model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len,
                                               quantization=quantization, quant_group_size=quant_group_size,
                                               torch_compile=torch_compile)

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from cluster.model.compile import decode_graphs
 from cluster.model.exit_heads import ExitClassifier, ExitHeads, TrainedExitHead, confidence_from_local_logits
 from cluster.model.layers.attention import AttentionMetadata
 from cluster.model.layers.sampler import host_to_device
@@ -123,7 +124,15 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     run = _ExitPass(model, heads, input_ids, positions, meta, kv_caches, batch)
     cap = batch.capture_rows
     kept = [] if cap is None else [run.h.index_select(0, cap)]
-    for i, layer in enumerate(model.model.layers):
+    graphs = decode_graphs(model) if cap is None and not batch.joins and meta.num_decodes == run.T else None
+    i = 0
+    while graphs is not None and i < run.L and run.compiled_ok():  # decode-only: compiled segments
+        end = run.next_check(i)
+        run.h = graphs.run(run.h, positions, meta, kv_caches, i, end)
+        i = end
+        if i in run.exit_at and run.pending:
+            run.exit_test(i)
+    for i, layer in enumerate(model.model.layers[i:], start=i):
         run.join_rows(i)
         if run.stopped:  # every token exited: the remaining layers only fill K/V
             layer.fill_kv(run.h, positions, meta.slot_mapping, kv_caches[i])
@@ -202,6 +211,16 @@ class _ExitPass:
         self.waiting = sum(j.num_rows for j in self.joins)
         if self.joins and meta.num_decodes:  # the shared decode mask, built once before the suffix views
             meta.decode_mask(kv_caches[0].shape[2], kv_caches[0].dtype)
+
+    def compiled_ok(self) -> bool:
+        """Every row still runs every layer (no exit yet, nothing joining): the compiled decode
+        segments apply (:class:`cluster.model.compile.DecodeGraphs`)."""
+        return not self.stopped and self.running.rows is None and self.running.exited is None
+
+    def next_check(self, i: int) -> int:
+        """The first exit layer after layer ``i`` (0-based count of layers run) where some row may
+        still exit, else the last layer: where a compiled segment starting at ``i`` must stop."""
+        return min((e for e in self.exit_at if e > i), default=self.L) if self.pending else self.L
 
     def join_rows(self, i: int) -> None:
         """Rows whose first ``i`` layers ran join with their kept states before layer ``i + 1``."""

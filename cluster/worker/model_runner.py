@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 
 from cluster.config import ExitConfig, ModelConfig
+from cluster.request import LOSSY_MODES
 from cluster.core.outputs import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
+from cluster.model.compile import decode_graphs
 from cluster.model.exit_heads import ExitHeads
 from cluster.model.exits import ExitResult, forward_with_exits
 from cluster.model.layers.quant import QuantizedWeight
@@ -46,7 +48,6 @@ class ModelRunner:
         self.heads = ExitHeads(model, exit_config) if exit_config is not None and exit_config.exit_layers else None
         self.block_size = block_size
         self.is_driver = is_driver
-        self.kv_cache: Optional[torch.Tensor] = None
         # per layer [2, num_blocks, block_size, KVH, d] views; one list, refilled by initialize_cache
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -83,11 +84,29 @@ class ModelRunner:
 
     def initialize_cache(self, num_blocks: int) -> None:
         """Allocate the KV cache (zeros: unused slots must hold finite values) on the model's device."""
-        self.kv_cache = None
         self.kv_caches.clear()  # in place: the drafter holds this list
-        self.kv_cache = torch.zeros(self._cache_shape(num_blocks), dtype=self.dtype, device=self.device)
-        self.kv_caches.extend(self.kv_cache.unbind(0))
+        self.kv_caches.extend(self._allocate_caches(num_blocks))
         self.num_blocks = num_blocks
+        graphs = decode_graphs(self.model)
+        if graphs is not None:  # compile the decode graphs now, not at the first request
+            graphs.warm_up(self.kv_caches, self._decode_segments(), self.dtype)
+
+    def _allocate_caches(self, num_blocks: int) -> list[torch.Tensor]:
+        """One zero tensor ``[2, num_blocks, block_size, KVH, d]`` per layer, each its own allocation
+        (compiled decode graphs write a layer's cache in place: a view of one shared tensor would be
+        copied whole, see :mod:`cluster.model.compile`)."""
+        shape = self._cache_shape(num_blocks)[1:]
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.model_config.num_layers)]
+
+    def _decode_segments(self) -> list[tuple[int, int]]:
+        """The compiled decode segments to build at start-up: the whole decoder (no exit pending),
+        and the segments between exit layers when requests default to the lossy exits."""
+        L = self.model_config.num_layers
+        cfg = self.exit_config
+        if self.heads is None or cfg is None or cfg.mode not in (None,) + LOSSY_MODES:
+            return [(0, L)]
+        bounds = [0] + sorted(e for e in cfg.exit_layers if 0 < e < L) + [L]
+        return [(0, L)] + list(zip(bounds[:-1], bounds[1:]))
 
     @torch.inference_mode()
     def profile_run(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
@@ -101,8 +120,7 @@ class ModelRunner:
         bs = self.block_size
         prefill = min(max_num_batched_tokens, max_model_len)  # a chunk never passes the context window
         nb = -(-max_model_len // bs)
-        scratch = torch.zeros(self._cache_shape(nb), dtype=self.dtype, device=self.device)
-        caches = list(scratch.unbind(0))
+        caches = self._allocate_caches(nb)
         table = list(range(nb))
         full = SamplingParams(max_tokens=1, temperature=1.0, top_k=50, top_p=0.9)
         steps = [
@@ -115,7 +133,7 @@ class ModelRunner:
             result = forward_with_exits(self.model, self.heads, input_ids, positions, meta, caches, batch)
             if self.is_driver:
                 sample(result.logits, [full] * result.logits.shape[0])
-        del scratch, caches
+        del caches
 
     # ---------------------------------------------------------------------------------- one step
     def prepare(self, so: SchedulerOutput, rows_of: Optional[dict[str, RowState]] = None):
@@ -131,7 +149,7 @@ class ModelRunner:
         ``ignore_eos``, ``stop_token_ids``) is run again from its exit layer to the last layer (its
         true K/V replace the KV fill), so stop tokens only come from the full model. Costs one
         device->host read of the exited rows' argmax when rows exited."""
-        if self.kv_cache is None:
+        if not self.kv_caches:
             raise RuntimeError("the KV cache is not allocated yet (initialize_cache)")
         input_ids, positions, meta, batch = self.prepare(so, rows_of)
         if rows_of:  # online layer_skip requests keep their rows' per-layer states (no device read)

@@ -120,12 +120,19 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: Optional[float]) -> torch.Tensor:
-    """One query per sequence, ``q: [D, H, d]`` -> ``[D, H, d]``: one gather of K and V through the
-    block tables, one SDPA call masked by context length."""
+    """One query per sequence, ``q: [D, H, d]`` -> ``[D, H, d]`` (:func:`decode_attention` with the
+    metadata's block tables and shared decode mask)."""
+    return decode_attention(q, kv_cache, meta.decode_block_tables, meta.decode_mask(kv_cache.shape[2], q.dtype), scale)
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, mask: torch.Tensor,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """One query per sequence, ``q: [D, H, d]`` -> ``[D, H, d]``: one gather of K and V through
+    ``block_tables: [D, W]`` (long), one SDPA call with the additive ``mask: [D, 1, 1, W * block_size]``
+    (:meth:`AttentionMetadata.decode_mask`). A pure tensor function (no metadata object, no host
+    read), so :mod:`cluster.model.compile` traces it inside the compiled decode graphs."""
     _, _, bs, kvh, d = kv_cache.shape
-    D, width = meta.decode_block_tables.shape
-    kv = kv_cache[:, meta.decode_block_tables].view(2, D, width * bs, kvh, d).transpose(2, 3)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[0], kv[1], attn_mask=meta.decode_mask(bs, q.dtype),
-                                       scale=scale,
-                                       enable_gqa=True)
+    D, width = block_tables.shape
+    kv = kv_cache[:, block_tables].view(2, D, width * bs, kvh, d).transpose(2, 3)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True)
     return o.squeeze(2)

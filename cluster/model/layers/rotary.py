@@ -73,5 +73,8 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x: [T, heads, d]`` in place with this iteration's :meth:`tables` (``x`` may be a
-        strided view, e.g. of a fused qkv output) and return it."""
+        strided view, e.g. of a fused qkv output) and return it. Under ``torch.compile`` (which
+        cannot trace ``out=`` into a strided view) the same values are copied in."""
+        if torch.compiler.is_compiling():
+            return x.copy_(x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin)
         return torch.add(x * cos, x.roll(x.shape[-1] // 2, dims=-1) * sin, out=x)
