@@ -35,7 +35,7 @@ Targets (on this kind of machine, issue 12), with a pass/miss column:
     python -m bench.speed                                   # the full run (about 15 minutes on 2 cores)
     python -m bench.speed --rounds 3 --tokens 64 --http     # also the concurrent HTTP comparison
     python -m bench.speed --quick --model <dir>             # seconds: a smoke run (tests)
-    python -m bench.speed --compile                         # torch.compile'd engines (start-up time saved)
+    python -m bench.speed --eager                           # the eager engines beside the compiled ones
 """
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ from cluster.model.loader import resolve_model_dir
 ISSUE_FLOAT32_BATCH1 = 18.5  # tok/s, eeserve float32 batch 1 when issue 12 was filed (2-core EPYC)
 TARGETS = {"int4_vs_float32_b1": 3.0, "fixed_overhead_ms": 3.0, "b16_vs_transformers": 1.5,
            "http16_vs_llama_cpp": 2.0}
+# issue 18: an engine bound by its weights (int4, the default engine: compiled decode step)
+TARGETS_18 = {"int4_b1_vs_llama_cpp": 1.0, "fixed_cost_ms": 1.0, "int4_b1_bw_fraction": 0.5,
+              "int4_b16_vs_transformers": 3.0}
 COLS = ["engine", "quantization", "mode", "batch", "tokens_per_s", "speedup_vs_float_full", "mean_exit_layer",
         "agreement_free", "weight_MB_per_token", "weight_GBps", "bw_fraction"]
 
@@ -92,6 +95,19 @@ def target_rows(rows: list[dict], fits: list[dict], http: Optional[dict]) -> lis
             ours = tps("eeserve", "none", mode, b)
             add(f"float32 {mode} b{b} / transformers b{b}", ours / hf if ours and hf else None,
                 TARGETS["b16_vs_transformers"])
+    # issue 18's targets, for the default engine (int4; compiled unless --no-compile)
+    lc = tps("llama-cpp", "int4", "full", 1) or next((r["tokens_per_s"] for r in rows if r["engine"] == "llama-cpp"
+                                                      and r["batch"] == 1), None)
+    add("int4 b1 / llama.cpp b1 (same GGUF, threads)", i4 / lc if i4 and lc else None, TARGETS_18["int4_b1_vs_llama_cpp"])
+    for f in fits:
+        add(f"fixed per-step cost, {f['quantization']} (ms, issue 18)", f.get("fixed_ms"), TARGETS_18["fixed_cost_ms"],
+            higher_is_better=False)
+    bw = next((r.get("bw_fraction") for r in rows if r["engine"] == "eeserve" and r["quantization"] == "int4"
+               and r["mode"] == "full" and r["batch"] == 1), None)
+    add("int4 b1 weight read rate / machine bandwidth", bw, TARGETS_18["int4_b1_bw_fraction"])
+    for b in batches:
+        hf, ours = tps("transformers", "none", "full", b), tps("eeserve", "int4", "full", b)
+        add(f"int4 b{b} / transformers b{b}", ours / hf if ours and hf else None, TARGETS_18["int4_b16_vs_transformers"])
     if http is not None:
         for r in http.get("peer_ratios", []):
             add(f"HTTP {http['num_prompts']} streams {http['quantization']} {r['variant']} / {r['peer']} server "
@@ -132,8 +148,9 @@ def main(argv=None):
     ap.add_argument("--http", action="store_true", help="also the 16-stream HTTP comparison with llama-cpp's server")
     ap.add_argument("--http-streams", type=int, default=16)
     ap.add_argument("--http-quantization", default="int4", choices=["none", "int8", "int4"])
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile every eeserve engine's decoder layers (cluster.model.compile)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="eager engines only (default: torch_compile='auto', compiled decode graphs on the CPU)")
+    ap.add_argument("--eager", action="store_true", help="also the eager full model beside the compiled one")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 round, 4 tokens, batches 1 and 4, 1 prompt at batch 1, 4 fit steps")
@@ -146,10 +163,13 @@ def main(argv=None):
     t_start = time.perf_counter()
     resolve_model_dir(args.model)  # resolved (a GGUF read, cached) before the engines' start-up is timed
     kw = engine_kwargs()
-    if args.compile:
-        kw["torch_compile"] = True
+    if args.no_compile:
+        kw["torch_compile"] = False  # else "auto": compiled on the CPU
     t0 = time.perf_counter()
     variants = make_variants(args.model, args.quantization, not args.no_early_exit, **kw)
+    if args.eager and not args.no_compile:  # the eager engine beside the default one, same run
+        for q in args.quantization:
+            variants[(q, "eager")] = LLM(args.model, early_exit=None, quantization=q, **{**kw, "torch_compile": False})
     startup_s = time.perf_counter() - t0
     ref_llm = variants.get(("none", "full")) or LLM(args.model, early_exit=None, **kw)
     L = ref_llm.engine.model_config.num_layers

@@ -105,3 +105,38 @@ def test_compiled_decode_graphs_serve_every_batch_and_context_without_recompilin
             agree += sum(a == b for a, b in zip(e.token_ids, c.token_ids))
             total += len(e.token_ids)
     assert agree >= 0.8 * total, (agree, total)
+
+
+def test_compiled_layer_skip_drafts_and_verifies_in_graphs(damped_model_dir):
+    """A ``layer_skip`` default mode compiles its kept-layer runs at start-up: drafts run them as
+    compiled segments (layers 1-2 and 6 of the damped model, skipping 3-5), the verification the whole
+    decoder; the answers stay the full model's under the same compiled graphs (most tokens equal:
+    graphs of different batch shapes may part at a near-tie) and most drafts are accepted."""
+    import torch._dynamo
+
+    from cluster.model.compile import decode_graphs
+    from tests.test_spec_decode import PROMPTS, exits, make_llm, request, run, spec_totals
+
+    torch._dynamo.reset()
+    ec = exits(mode="layer_skip", skip_layers=(3, 4, 5))
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    outs = {}
+    for mode in ("full", "layer_skip"):
+        llm = make_llm(damped_model_dir, ec if mode == "layer_skip" else None, torch_compile=True)
+        try:
+            graphs = decode_graphs(llm.engine.workers.local.runner.model)
+            if mode == "layer_skip":
+                assert graphs.ready == {(0, 6), (0, 2), (5, 6)}, graphs.ready
+            segments = []
+            run_ = graphs.run
+            graphs.run = lambda *a: segments.append(a[-2:]) or run_(*a)
+            outs[mode] = [run(llm, [request(llm, p, params)])[0] for p in PROMPTS[:3]]
+            assert (0, 6) in segments
+            if mode == "layer_skip":
+                assert {(0, 2), (5, 6)} <= set(segments), set(segments)
+                acc, _ = spec_totals(outs[mode])
+                assert acc > 0.5, acc
+        finally:
+            llm.shutdown()
+    pairs = [(a, b) for f, s in zip(outs["full"], outs["layer_skip"]) for a, b in zip(f.token_ids, s.token_ids)]
+    assert sum(a == b for a, b in pairs) >= 0.8 * len(pairs)

@@ -110,6 +110,12 @@ class DecodeGraphs:
             return h
 
         self._segment = torch.compile(segment, dynamic=True)
+        self.ready: set[tuple[int, int]] = set()  # segments compiled by warm_up
+
+    def is_ready(self, start: int, end: int) -> bool:
+        """Whether the segment ``start .. end - 1`` was compiled at start-up. Callers run other
+        segments eagerly: compiling one while serving would stall every request for a minute."""
+        return (start, end) in self.ready
 
     def run(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
             kv_caches: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
@@ -146,6 +152,19 @@ class DecodeGraphs:
             positions = torch.zeros(d, dtype=torch.long, device=dev)
             for start, end in segments:
                 self.run(torch.zeros(d, hidden, dtype=dtype, device=dev), positions, meta, kv_caches, start, end)
+        self.ready.update(segments)
+
+
+def kept_segments(skip, num_layers: int) -> list[tuple[int, int]]:
+    """The runs of consecutive decoder layers a ``layer_skip`` draft keeps: ``(start, end)`` 0-based,
+    end exclusive, for the 1-based layer numbers ``skip`` left out of ``num_layers``."""
+    segments, start = [], 0
+    for i in range(num_layers + 1):
+        if i == num_layers or i + 1 in skip:
+            if i > start:
+                segments.append((start, i))
+            start = i + 1
+    return segments
 
 
 def decode_graphs(model: LlamaForCausalLM) -> Optional[DecodeGraphs]:

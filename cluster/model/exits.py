@@ -128,6 +128,8 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     i = 0
     while graphs is not None and i < run.L and run.compiled_ok():  # decode-only: compiled segments
         end = run.next_check(i)
+        if not graphs.is_ready(i, end):
+            break
         run.h = graphs.run(run.h, positions, meta, kv_caches, i, end)
         i = end
         if i in run.exit_at and run.pending:

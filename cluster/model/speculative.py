@@ -35,6 +35,7 @@ import torch
 from cluster.model.exit_heads import ExitHeads
 from cluster.model.layers.attention import AttentionMetadata
 from cluster.model.layers.sampler import host_to_device
+from cluster.model.compile import decode_graphs, kept_segments
 from cluster.model.llama import LlamaForCausalLM
 
 
@@ -166,6 +167,12 @@ def skip_draft_forward(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     """
     skipped = set(skip)
     h = model.model.embed_tokens(input_ids)
+    graphs = decode_graphs(model)
+    segments = kept_segments(skipped, model.config.num_layers)
+    if graphs is not None and all(graphs.is_ready(*seg) for seg in segments):  # compiled at start-up
+        for start, end in segments:
+            h = graphs.run(h, positions, meta, kv_caches, start, end)
+        return exit_logits(model, heads, model.config.num_layers, h)
     for i, layer in enumerate(model.model.layers):
         if i + 1 not in skipped:
             h = layer(h, positions, meta, kv_caches[i])

@@ -14,7 +14,7 @@ import torch
 from cluster.config import ExitConfig, ModelConfig
 from cluster.request import LOSSY_MODES
 from cluster.core.outputs import ModelRunnerOutput, SampledTokens, ScheduledRequest, SchedulerOutput
-from cluster.model.compile import decode_graphs
+from cluster.model.compile import decode_graphs, kept_segments
 from cluster.model.exit_heads import ExitHeads
 from cluster.model.exits import ExitResult, forward_with_exits
 from cluster.model.layers.quant import QuantizedWeight
@@ -99,14 +99,19 @@ class ModelRunner:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.model_config.num_layers)]
 
     def _decode_segments(self) -> list[tuple[int, int]]:
-        """The compiled decode segments to build at start-up: the whole decoder (no exit pending),
-        and the segments between exit layers when requests default to the lossy exits."""
+        """The compiled decode segments to build at start-up, for the mode requests default to: the
+        whole decoder (no exit pending: the full model, verification), the segments between exit
+        layers (lossy exits), the runs of kept layers of the static skip set (``layer_skip``
+        drafts). Requests of other modes run the layers of their other segments eagerly."""
         L = self.model_config.num_layers
         cfg = self.exit_config
-        if self.heads is None or cfg is None or cfg.mode not in (None,) + LOSSY_MODES:
-            return [(0, L)]
-        bounds = [0] + sorted(e for e in cfg.exit_layers if 0 < e < L) + [L]
-        return [(0, L)] + list(zip(bounds[:-1], bounds[1:]))
+        segments = [(0, L)]
+        if cfg is not None and cfg.mode == "layer_skip" and cfg.skip_layers:
+            segments += [s for s in kept_segments(cfg.skip_layers, L) if s not in segments]
+        if self.heads is not None and cfg is not None and cfg.mode in (None,) + LOSSY_MODES:
+            bounds = [0] + sorted(e for e in cfg.exit_layers if 0 < e < L) + [L]
+            segments += list(zip(bounds[:-1], bounds[1:]))
+        return list(dict.fromkeys(segments))
 
     @torch.inference_mode()
     def profile_run(self, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
