@@ -39,7 +39,9 @@ class ModelConfig:
     dtype: str = "float32"
     quantization: str = "none"  # weight-only: none | int8 (per output channel) | int4 (group-wise)
     quant_group_size: int = 32  # int4 group size along the input dimension (32, 64 or 128; 32 measured best)
-    torch_compile: bool = False  # torch.compile the decoder layers' dense halves (cluster.model.compile)
+    torch_compile: bool = False  # compiled decode graphs (cluster.model.compile)
+    # quantized layers also keep a dense bfloat16 copy for prefill chunks and large batches (quant.DENSE_MIN_ROWS)
+    dense_prefill: bool = False
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
     # The HF config object itself (used for RoPE init functions); excluded from eq/hash.
@@ -62,7 +64,7 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf_config, dtype: str = "float32", max_model_len: Optional[int] = None,
                        quantization: str = "none", quant_group_size: int = 32,
-                       torch_compile: bool = False) -> "ModelConfig":
+                       torch_compile: bool = False, dense_prefill: bool = False) -> "ModelConfig":
         """Build from a ``transformers`` ``PretrainedConfig``.
 
         Raises:
@@ -97,6 +99,7 @@ class ModelConfig:
             quantization=quantization,
             quant_group_size=quant_group_size,
             torch_compile=torch_compile,
+            dense_prefill=dense_prefill and quantization != "none",
             bos_token_id=getattr(hf_config, "bos_token_id", None),
             eos_token_ids=eos_ids,
             hf_config=hf_config,

@@ -1,8 +1,9 @@
-"""torch_compile=True: the decoder layers' dense halves through torch.compile (cluster.model.compile).
+"""torch_compile=True: decode iterations as compiled graphs, one per segment between exit checks
+(cluster.model.compile.DecodeGraphs).
 
 The compiled engine must give the eager engine's answers (logprobs within float tolerance; Inductor
-reorders float ops, so exact bits are not promised) with early exit on and off, and must not
-recompile per layer or per batch size (one graph per shape class, shared by every layer).
+reorders float ops, so exact bits are not promised) with early exit on and off, build its graphs at
+start-up, and never recompile while serving (per batch size, context length or layer).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def test_compiled_layers_match_eager_and_do_not_recompile_per_layer(tiny_model_d
     for compiled in (False, True):
         llm = LLM(tiny_model_dir, early_exit=ec, torch_compile=compiled, **kw)
         try:
-            # batch 1 (decode T == 1), then a batch of 4 (prefill and decode T >= 2), twice
+            # batch 1 (decode D == 1), then a batch of 4 (prefill, then decode D >= 2), twice
             outs[compiled] = [_run(llm, PROMPTS[:1]), _run(llm, PROMPTS), _run(llm, PROMPTS[::-1])]
             segments = llm.engine.workers.local.runner._decode_segments()
         finally:
@@ -46,11 +47,12 @@ def test_compiled_layers_match_eager_and_do_not_recompile_per_layer(tiny_model_d
             assert e.token_ids[0] == c.token_ids[0]
             assert math.isclose(e.logprobs[0].logprob, c.logprobs[0].logprob, abs_tol=1e-2)
             assert e.exit_layers[0] == c.exit_layers[0]
-    # graphs: attn_in and attn_out, each for T == 1, T >= 2 (and one more attention-output layout),
-    # plus the decode graphs, D == 1 and D >= 2 for each segment (the whole decoder, and the segments
-    # between the exit layers 1 and 2); a per-layer or per-batch-size recompile would show up as dozens
+    # graphs, all built at start-up: per segment (the whole decoder, and the segments between the exit
+    # layers 1 and 2) D == 1, a small D and (int4: the layers' dense copies from DENSE_MIN_ROWS rows)
+    # a large D; a per-layer or per-batch-size recompile would show up as more
     assert len(segments) == 4
-    assert 2 * len(segments) + 2 <= counters["stats"]["unique_graphs"] <= 2 * len(segments) + 6, dict(counters["stats"])
+    per_segment = 2 if quantization == "none" else 3
+    assert counters["stats"]["unique_graphs"] == per_segment * len(segments), dict(counters["stats"])
 
 
 def _decode_graph_count(graphs) -> int:
@@ -66,8 +68,9 @@ LONG = " ".join(["The history of bread goes back thousands of years, to the firs
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_compiled_decode_graphs_serve_every_batch_and_context_without_recompiling(tiny_model_dir, quantization):
     """The full model's decode iterations run as compiled graphs (cluster.model.compile.DecodeGraphs),
-    built at start-up for D == 1 and D >= 2: batches of 1, 3 and 5 rows whose contexts span one block
-    (a short prompt) to many (a long one, growing across blocks while decoding) add no graph, and the
+    built at start-up for D == 1, small D and (int4's dense copies) large D: batches of 1, 3, 5 and 18
+    rows whose contexts span one block (a short prompt) to many (a long one, growing across blocks
+    while decoding) add no graph, and the
     answers match the eager engine's (first token equal, its logprob within float tolerance; later
     tokens may part at a near-tie, so the run must agree on most of them)."""
     import torch._dynamo
@@ -77,6 +80,7 @@ def test_compiled_decode_graphs_serve_every_batch_and_context_without_recompilin
     torch._dynamo.reset()
     kw = dict(block_size=8, num_blocks=256, quantization=quantization, enable_prefix_caching=False, early_exit=None)
     prompts = ["Hi", LONG, "List three rivers:", LONG + " And then?", "Chess"]
+    many = [f"{p} ({i})" for i, p in enumerate(prompts * 4)][:18]
     params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
     outs = {}
     for compiled in (False, True):
@@ -85,16 +89,17 @@ def test_compiled_decode_graphs_serve_every_batch_and_context_without_recompilin
             runner = llm.engine.workers.local.runner
             graphs = decode_graphs(runner.model)
             assert (graphs is not None) == compiled
+            built = 2 if quantization == "none" else 3  # the whole decoder: D == 1, small D, large D
             if compiled:
-                assert _decode_graph_count(graphs) == 2  # warm-up: the whole decoder, D == 1 and D >= 2
+                assert _decode_graph_count(graphs) == built
                 calls = []
                 run = graphs.run
                 graphs.run = lambda *a: calls.append(a[0].shape[0]) or run(*a)
             outs[compiled] = [llm.generate(prompts[:1], params), llm.generate(prompts[:3], params),
-                              llm.generate(prompts, params)]
+                              llm.generate(prompts, params), llm.generate(many, params)]
             if compiled:
-                assert _decode_graph_count(graphs) == 2
-                assert {1, 3, 5} <= set(calls), sorted(set(calls))
+                assert _decode_graph_count(graphs) == built
+                assert {1, 3, 5, 18} <= set(calls), sorted(set(calls))
         finally:
             llm.shutdown()
     agree = total = 0

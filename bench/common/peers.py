@@ -55,6 +55,24 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU reports Intel AMX (``amx_int8`` in ``/proc/cpuinfo``; False where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def llama_repack_default() -> bool:
+    """Whether llama.cpp peers keep ggml's extra CPU buffer types (weight repacking, AMX). Off on AMX
+    CPUs: there ggml 0.25 (llama-cpp-python 0.3.36) routes the Q4_1 matmuls to its AMX kernel, which
+    crashed both llama-server and llama-cpp-python at the first decode on this project's Sapphire
+    Rapids VM; ``--no-repack`` is what a user of such a machine runs. Q4_1 has no repacked layout on
+    other CPUs, so the default model's speed is the same either way."""
+    return not cpu_has_amx()
+
+
 class LlamaCppRun:
     """llama-cpp-python (``llama_cpp.Llama``) on a GGUF file at batch 1.
 
@@ -67,13 +85,26 @@ class LlamaCppRun:
         ImportError: llama-cpp-python is not installed (``pip install -e ".[peers]"``).
     """
 
-    def __init__(self, path: str, n_threads: Optional[int] = None, n_ctx: int = 2048):
+    def __init__(self, path: str, n_threads: Optional[int] = None, n_ctx: int = 2048, repack: Optional[bool] = None):
+        import llama_cpp
         from llama_cpp import Llama, llama_model_n_layer
 
         n = n_threads or default_threads()
         self.path = path
-        self.llm = Llama(model_path=path, n_threads=n, n_threads_batch=n, n_ctx=n_ctx, n_batch=512, seed=0,
-                         verbose=False)
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+        repack = llama_repack_default() if repack is None else repack
+
+        def model_params():  # Llama() exposes no use_extra_bufts: set it in the defaults it starts from
+            params = defaults()
+            params.use_extra_bufts = repack
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = model_params
+        try:
+            self.llm = Llama(model_path=path, n_threads=n, n_threads_batch=n, n_ctx=n_ctx, n_batch=512, seed=0,
+                             verbose=False)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = defaults
         self.num_layers = int(llama_model_n_layer(self.llm.model))
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
@@ -249,12 +280,13 @@ LLAMA_SERVER_ENV = "EESERVE_LLAMA_SERVER"
 
 def llama_server_binary() -> Optional[str]:
     """Path of llama.cpp's ``llama-server``: ``$EESERVE_LLAMA_SERVER``, else ``llama-server`` on
-    ``PATH``, else the one ``bench/build_llama_server.sh`` builds (``$EESERVE_LLAMA_DIR/bin``, default
-    ``~/.cache/eeserve/llama/bin``); None when none of them is an executable file."""
+    ``PATH``, else the one ``bench/build_llama_server.sh`` builds (``$EESERVE_LLAMA_DIR/build/bin``,
+    default ``~/.cache/eeserve/llama/build/bin``; ``bin/`` of older builds); None when none of them is an
+    executable file."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    built = os.path.join(os.environ.get("EESERVE_LLAMA_DIR") or os.path.join(cache, "eeserve", "llama"),
-                         "bin", "llama-server")
-    for cand in (os.environ.get(LLAMA_SERVER_ENV), shutil.which("llama-server"), built):
+    root = os.environ.get("EESERVE_LLAMA_DIR") or os.path.join(cache, "eeserve", "llama")
+    built = [os.path.join(root, *sub, "llama-server") for sub in (("build", "bin"), ("bin",))]
+    for cand in (os.environ.get(LLAMA_SERVER_ENV), shutil.which("llama-server"), *built):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     return None
@@ -282,4 +314,5 @@ def llama_server(path: str, n_threads: Optional[int] = None, parallel: int = 16,
     port = free_port()
     cmd = [exe, "-m", path, "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
            "-c", str(parallel * ctx_per_slot), "--cont-batching", "-t", str(n), "-tb", str(n)]
+    cmd += [] if llama_repack_default() else ["--no-repack"]
     return _server_process(cmd, port, "llama-server", timeout_s, log_path)

