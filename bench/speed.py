@@ -150,7 +150,8 @@ def main(argv=None):
     ap.add_argument("--http-quantization", default="int4", choices=["none", "int8", "int4"])
     ap.add_argument("--no-compile", action="store_true",
                     help="eager engines only (default: torch_compile='auto', compiled decode graphs on the CPU)")
-    ap.add_argument("--eager", action="store_true", help="also the eager full model beside the compiled one")
+    ap.add_argument("--eager", action="store_true",
+                    help="also the engine before issue 18's step work (eager, no dense copies) beside the default one")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 1 round, 4 tokens, batches 1 and 4, 1 prompt at batch 1, 4 fit steps")
@@ -169,7 +170,8 @@ def main(argv=None):
     variants = make_variants(args.model, args.quantization, not args.no_early_exit, **kw)
     if args.eager and not args.no_compile:  # the eager engine beside the default one, same run
         for q in args.quantization:
-            variants[(q, "eager")] = LLM(args.model, early_exit=None, quantization=q, **{**kw, "torch_compile": False})
+            variants[(q, "eager")] = LLM(args.model, early_exit=None, quantization=q,
+                                         **{**kw, "torch_compile": False, "dense_prefill": False})
     startup_s = time.perf_counter() - t0
     ref_llm = variants.get(("none", "full")) or LLM(args.model, early_exit=None, **kw)
     L = ref_llm.engine.model_config.num_layers
@@ -187,7 +189,7 @@ def main(argv=None):
         if key[1] == "ee" and batch > 1:
             return None
         runner = variants[key].engine.workers.local.runner
-        return weight_bytes_per_token(runner.model, runner.heads, mean_layer)
+        return weight_bytes_per_token(runner.model, runner.heads, mean_layer, rows=batch)
 
     rows = []
     for batch in args.batch_sizes:
