@@ -199,14 +199,13 @@ def variants(args, base_url: str, peers: dict[str, str]) -> dict[str, tuple[str,
 async def benchmark(args, vs: dict[str, tuple[str, Optional[dict]]]) -> tuple[str, list[dict]]:
     """Run every variant of ``vs`` (name -> (base URL, extra body)) at each request rate, the order
     alternating from one rate to the next; returns our served model's name and the rows."""
-    import httpx
     from openai import AsyncOpenAI
 
     clients, models = {}, {}
     try:
         for url in dict.fromkeys(url for url, _ in vs.values()):
             clients[url] = AsyncOpenAI(base_url=url, api_key=args.api_key, max_retries=0,
-                                       timeout=httpx.Timeout(args.request_timeout, connect=30.0))
+                                       timeout=args.request_timeout)  # a number: openai 3 takes httpx2 types
             models[url] = (await clients[url].models.list()).data[0].id
         prompts = load_prompts(args.num_prompts, args.prompt_offset)
         for name, (url, body) in vs.items():  # warm-up, untimed
