@@ -187,3 +187,45 @@ def test_sampling_fault_fails_only_that_request(llm, monkeypatch):
     assert [outs[0].token_ids, outs[2].token_ids] == [a.token_ids for a in alone]
     llm.engine.check_integrity()
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_async_engine_builds_and_steps_its_engine_in_one_thread(tiny_model_dir):
+    """``AsyncEngine.from_args`` builds the engine in the engine thread (every torch op of the engine
+    in one thread: libgomp's pools stay within the cores, see ``AsyncEngine.__init__``); a build that
+    fails raises in the caller; an engine passed as is still works."""
+    import threading
+
+    from cluster.engine.factory import create_engine
+
+    seen = {}
+
+    def build():
+        seen["build"] = threading.current_thread().name
+        return create_engine(model=tiny_model_dir, block_size=4, num_blocks=64, early_exit=None)
+
+    engine = AsyncEngine(build)
+    try:
+        step = engine.engine.step
+
+        def recorded_step():
+            seen["step"] = threading.current_thread().name
+            return step()
+
+        engine.engine.step = recorded_step
+
+        async def go():
+            req = EngineRequest(request_id="t", prompt_token_ids=[5, 6, 7],
+                                sampling_params=SamplingParams(max_tokens=3, ignore_eos=True))
+            return [o async for o in engine.generate(req)]
+
+        outs = asyncio.run(go())
+        assert sum(len(o.new_token_ids) for o in outs) == 3
+        assert seen["build"] == seen["step"] == "eeserve-engine" != threading.current_thread().name
+    finally:
+        engine.shutdown()
+
+    def broken():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(broken)
