@@ -17,6 +17,7 @@ bench:
 	python -m bench.offline
 
 # llama.cpp's own llama-server (the serving peer of bench/serving.py --peer llama-server), built from
-# the llama.cpp sources vendored in the llama-cpp-python sdist; binary in ~/.cache/eeserve/llama/bin
+# the llama.cpp sources vendored in the llama-cpp-python sdist, with llama-cpp-python on its libraries;
+# binary and libraries in ~/.cache/eeserve/llama/build/bin (export LLAMA_CPP_LIB_PATH there)
 llama-server:
 	bash bench/build_llama_server.sh

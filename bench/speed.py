@@ -189,7 +189,7 @@ def main(argv=None):
         if key[1] == "ee" and batch > 1:
             return None
         runner = variants[key].engine.workers.local.runner
-        return weight_bytes_per_token(runner.model, runner.heads, mean_layer, rows=batch)
+        return weight_bytes_per_token(runner.model, runner.heads, mean_layer)
 
     rows = []
     for batch in args.batch_sizes:

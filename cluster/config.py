@@ -40,7 +40,7 @@ class ModelConfig:
     quantization: str = "none"  # weight-only: none | int8 (per output channel) | int4 (group-wise)
     quant_group_size: int = 32  # int4 group size along the input dimension (32, 64 or 128; 32 measured best)
     torch_compile: bool = False  # compiled decode graphs (cluster.model.compile)
-    # quantized layers also keep a dense bfloat16 copy for prefill chunks and large batches (quant.DENSE_MIN_ROWS)
+    # quantized layers also keep a dense bfloat16 copy for prompt tokens (quant.dense_rows_from)
     dense_prefill: bool = False
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()

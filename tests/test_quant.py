@@ -258,3 +258,34 @@ def test_quant_bench_writes_rows(tiny_model_dir, tmp_path, monkeypatch):
     assert {(r["quantization"], r["mode"], r["batch"]) for r in data["rows"]} == {
         (q, m, b) for q in ("none", "int8", "int4") for m in ("full", "ee") for b in (1, 2)}
     assert all(r["tokens_per_s"] > 0 for r in data["rows"])
+
+
+@pytest.mark.timeout(300)
+def test_dense_prefill_answers_do_not_depend_on_prefix_cache_or_batch(tiny_model_dir):
+    """``dense_prefill``: prompt tokens multiply by the layers' dense bfloat16 copies, decode tokens by
+    the int4 kernel, whatever the count of rows; so a greedy answer is the same when its prompt is
+    computed whole, when most of it comes from the prefix cache (a short tail prefilled), and beside
+    17 other requests (a batch past any size threshold). A copy the engine never used would make no
+    difference to the first answer: the engine without copies must differ somewhere in its logprobs."""
+    from cluster.model.layers.quant import QuantizedWeight
+
+    prompt = "The history of bread goes back thousands of years, to the first farmers who ground grain into"
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
+    kw = dict(quantization="int4", early_exit=None, block_size=4, num_blocks=1024, torch_compile=False)
+    llm = LLM(tiny_model_dir, dense_prefill=True, **kw)
+    try:
+        model = llm.engine.workers.local.runner.model
+        assert all("dense" in q._buffers for q in model.modules() if isinstance(q, QuantizedWeight))
+        whole = llm.generate([prompt], params)[0]
+        cached = llm.generate([prompt], params)[0]
+        assert cached.num_cached_tokens >= 8
+        batched = llm.generate([prompt] + [f"{prompt} ({i})" for i in range(17)], params)[0]
+    finally:
+        llm.shutdown()
+    assert whole.token_ids == cached.token_ids == batched.token_ids
+    llm = LLM(tiny_model_dir, dense_prefill=False, **kw)
+    try:
+        plain = llm.generate([prompt], params)[0]
+    finally:
+        llm.shutdown()
+    assert [lp.logprob for lp in plain.logprobs] != [lp.logprob for lp in whole.logprobs]

@@ -24,17 +24,17 @@ from torch import nn
 
 from bench.common.timing import interleaved_best, time_ms
 from cluster import LLM, SamplingParams
-from cluster.model.layers.quant import DENSE_MIN_ROWS, QuantizableLinear, QuantizedWeight
+from cluster.model.layers.quant import QuantizableLinear, QuantizedWeight
 from cluster.model.loader import resolve_model_dir
 
 
-def read_bytes(module: nn.Module, rows: int = 1) -> int:
-    """Bytes of the weights a forward of ``rows`` tokens through ``module`` reads.
+def read_bytes(module: nn.Module) -> int:
+    """Bytes of the weights a decode forward through ``module`` reads.
 
     A quantized linear layer reads its :class:`QuantizedWeight` buffers (packed weight, scales, zeros;
-    its dense bfloat16 copy instead from :data:`~cluster.model.layers.quant.DENSE_MIN_ROWS` rows,
-    ``dense_prefill``) and its bias, not the float weight it may keep for a tied embedding lookup;
-    every other module reads its parameters. Shared tensors count once.
+    not the dense copy ``dense_prefill`` keeps for prompt tokens) and its bias, not the float weight
+    it may keep for a tied embedding lookup; every other module reads its parameters. Shared tensors
+    count once.
     """
     seen: set[int] = set()
     total = 0
@@ -47,13 +47,9 @@ def read_bytes(module: nn.Module, rows: int = 1) -> int:
 
     for m in module.modules():
         if isinstance(m, QuantizedWeight):
-            dense = m._buffers.get("dense")
-            if dense is not None and rows >= DENSE_MIN_ROWS:
-                add(dense)
-            else:
-                for name, b in m.named_buffers(recurse=False):
-                    if name != "dense":
-                        add(b)
+            for name, b in m.named_buffers(recurse=False):
+                if name != "dense":
+                    add(b)
         elif isinstance(m, QuantizableLinear) and m.quantized is not None:
             for name, p in m.named_parameters(recurse=False):
                 if name != "weight":
@@ -74,9 +70,8 @@ def held_bytes(model: nn.Module) -> int:
     return total
 
 
-def weight_bytes_per_token(model, heads, mean_exit_layer: float, rows: int = 1) -> float:
-    """Weight bytes one step of ``rows`` tokens reads from our ``model`` (:class:`LlamaForCausalLM`)
-    (the quantized layers' dense copies from :data:`~cluster.model.layers.quant.DENSE_MIN_ROWS` rows).
+def weight_bytes_per_token(model, heads, mean_exit_layer: float) -> float:
+    """Weight bytes one decode step reads from our ``model`` (:class:`LlamaForCausalLM`).
 
     Layers run (``mean_exit_layer`` of them) + the K/V part of ``qkv_proj`` and the input norm of
     each skipped layer (KV fill) + final norm and LM head + one embedding row + the exit checks made
@@ -88,11 +83,11 @@ def weight_bytes_per_token(model, heads, mean_exit_layer: float, rows: int = 1) 
     layers = model.model.layers
     L = len(layers)
     layer0 = layers[0]
-    per_layer = read_bytes(layer0, rows)
+    per_layer = read_bytes(layer0)
     qkv = layer0.self_attn.qkv_proj
     kv_share = 2 * cfg.num_kv_heads / (cfg.num_heads + 2 * cfg.num_kv_heads)
-    kv_fill = read_bytes(qkv, rows) * kv_share + read_bytes(layer0.input_layernorm)
-    lm = read_bytes(model.lm_head, rows) + read_bytes(model.model.norm)
+    kv_fill = read_bytes(qkv) * kv_share + read_bytes(layer0.input_layernorm)
+    lm = read_bytes(model.lm_head) + read_bytes(model.model.norm)
     emb = model.model.embed_tokens.weight
     total = mean_exit_layer * per_layer + (L - mean_exit_layer) * kv_fill + lm + emb.shape[1] * emb.element_size()
     if heads is not None:

@@ -174,7 +174,7 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
                   max_num_seqs: int = 32, max_num_batched_tokens: int = 2048, device: str = "cpu",
                   gpu_memory_utilization: float = 0.9, debug_default_device: Optional[str] = None,
                   quantization: str = "auto", quant_group_size: int = 32,
-                  torch_compile: Union[bool, str] = "auto", dense_prefill: Union[bool, str] = "auto",
+                  torch_compile: Union[bool, str] = "auto", dense_prefill: bool = False,
                   **worker_kwargs) -> LLMEngine:
     """Build an :class:`LLMEngine` from user-level arguments (shared by LLM and the Serve replica).
 
@@ -193,10 +193,13 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     decode iterations as compiled graphs and the other iterations' dense layer halves compiled
     (:mod:`cluster.model.compile`; start-up pays the compilation once per machine, outputs may differ
     in the last bits).
-    ``dense_prefill``: ``auto`` (on for a quantized model on the CPU), True or False: quantized layers
-    also keep a dense bfloat16 copy (2 bytes per weight) that prefill chunks and batches of at least
-    :data:`~cluster.model.layers.quant.DENSE_MIN_ROWS` rows multiply by (the int4 / int8 kernels are
-    10-17x slower than a bfloat16 GEMM at hundreds of rows on the CPU).
+    ``dense_prefill`` (opt-in): quantized layers also keep a dense bfloat16 copy (2 bytes per weight)
+    that prompt tokens multiply by, decode tokens never (:func:`~cluster.model.layers.quant.dense_rows_from`:
+    the int4 / int8 kernels are 10-17x slower than a bfloat16 GEMM at hundreds of rows on the CPU).
+    Off by default: a dense GEMM's rows depend on how many rows it multiplies, so a prompt's K/V (and
+    a greedy answer, at a near-tie) then depend on how the prompt was split: a prefix-cache hit
+    prefills a shorter tail than the first request did (measured: the default model's Chinese answer
+    in ``tests/test_serve_clients.py`` changed between two identical requests).
 
     Raises:
         FileNotFoundError: unknown model path. ValueError: unsupported architecture, bad dtype or quantization,
@@ -213,10 +216,8 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     model_dir = resolve_model_dir(model)
     quantization = resolve_quantization(quantization, model_dir, device)
     torch_compile = resolve_torch_compile(torch_compile, device, tensor_parallel_size)
-    if dense_prefill == "auto":
-        dense_prefill = not str(device).startswith("cuda")
-    elif not isinstance(dense_prefill, bool):
-        raise ValueError(f"dense_prefill: must be true, false or 'auto', got {dense_prefill!r}")
+    if not isinstance(dense_prefill, bool):
+        raise ValueError(f"dense_prefill: must be true or false, got {dense_prefill!r}")
     model_config = ModelConfig.from_hf_config(load_hf_config(model_dir), dtype=dtype, max_model_len=max_model_len,
                                               quantization=quantization, quant_group_size=quant_group_size,
                                               torch_compile=torch_compile, dense_prefill=dense_prefill)

@@ -16,10 +16,9 @@ Every other iteration (prefill chunks, mixed batches, rows leaving after an exit
 is bound by its matmuls (with ``dense_prefill``, bfloat16 GEMMs), not by Python.
 
 Shapes: ``D`` (decode rows) and ``W`` (block-table width) are dynamic; Dynamo specializes sizes 0
-and 1, so a decode graph exists for ``D == 1``, for ``D >= 2`` and, with ``dense_prefill``'s dense
-copies (used from :data:`~cluster.model.layers.quant.DENSE_MIN_ROWS` rows), for ``D`` from there
-(the block table is padded to ``W >= 2`` with masked columns so ``W`` never specializes).
-:meth:`DecodeGraphs.warm_up` compiles all at start-up. Tensor parallelism > 1 runs eager decode layers (the all-reduce stays outside graphs).
+and 1, so a decode graph exists for ``D == 1`` and for ``D >= 2`` (the block table is padded to
+``W >= 2`` with masked columns so ``W`` never specializes). :meth:`DecodeGraphs.warm_up` compiles
+both at start-up. Decode rows always use the quantized kernels, never ``dense_prefill``'s copies. Tensor parallelism > 1 runs eager decode layers (the all-reduce stays outside graphs).
 
 The compiled artifacts are cached on disk (Inductor's FX graph and AOTAutograd caches) under
 ``$EESERVE_CACHE_DIR/inductor`` (:func:`use_cache_dir`, unless ``TORCHINDUCTOR_CACHE_DIR`` is set),
@@ -127,15 +126,13 @@ class DecodeGraphs:
 
     # Shapes traced at warm-up: Dynamo unifies equal sizes ("duck sizing") and a size equal to a
     # constant of the code (K/V's 2, the block size, the head counts) gets specialized with it, so the
-    # traced D and W are primes no model dimension takes. D = 1, a small batch, and one of at least
-    # DENSE_MIN_ROWS rows (where quantized layers switch to their dense copies: a guard, so a graph)
-    WARM_ROWS, WARM_WIDTH = (1, 7, 17), 5
+    # traced D and W are primes no model dimension takes
+    WARM_ROWS, WARM_WIDTH = (1, 7), 5
 
     @torch.inference_mode()
     def warm_up(self, kv_caches: list[torch.Tensor], segments: list[tuple[int, int]], dtype: torch.dtype) -> None:
-        """Compile the graphs of ``segments`` for ``D == 1``, ``2 <= D < DENSE_MIN_ROWS`` and larger
-        batches by running them on zero states that write block 0 of ``kv_caches`` (a block nothing
-        reads before writing it)."""
+        """Compile the graphs of ``segments`` for ``D == 1`` and ``D >= 2`` by running them on zero
+        states that write block 0 of ``kv_caches`` (a block nothing reads before writing it)."""
         dev = kv_caches[0].device
         hidden = self.layers[0].input_layernorm.weight.shape[0]
         for d in self.WARM_ROWS:

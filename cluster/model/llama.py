@@ -5,6 +5,7 @@ fused projections map their HF parts through :data:`PACKED_MODULES`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ from cluster.model.layers.attention import AttentionMetadata, paged_attention, w
 from cluster.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from cluster.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from cluster.model.layers.norm import RMSNorm
+from cluster.model.layers.quant import dense_rows_from
 from cluster.model.layers.rotary import RotaryEmbedding
 
 # HF parameter name part -> (our fused module name part, shard id)
@@ -26,6 +28,12 @@ PACKED_MODULES = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+
+def _prompt_rows(meta: AttentionMetadata, num_rows: int):
+    """Rows ``meta.num_decodes ..`` of a layer input of ``num_rows`` rows are prompt tokens: quantized
+    layers multiply them by their dense copies (:func:`~cluster.model.layers.quant.dense_rows_from`)."""
+    return dense_rows_from(meta.num_decodes) if meta.num_decodes < num_rows else contextlib.nullcontext()
 
 
 class LlamaAttention(nn.Module):
@@ -87,11 +95,15 @@ class LlamaDecoderLayer(nn.Module):
         is the KV fill from their frozen exit hidden state. Returns the new hidden states of the
         computed rows: ``[T, hidden]`` if ``compute_rows`` is None, else ``[len(compute_rows), hidden]``.
         """
-        q, kv = self.attn_in(h, *self.self_attn.rotary.tables(positions, h.dtype))
+        cos, sin = self.self_attn.rotary.tables(positions, h.dtype)
+        with _prompt_rows(meta, h.shape[0]):
+            q, kv = self.attn_in(h, cos, sin)
         write_kv(kv_cache, kv, meta.slot_mapping)
         if compute_rows is not None:
             h, q, meta = h[compute_rows], q[compute_rows], compute_meta
-        return self.attn_out(h, paged_attention(q, kv_cache, meta))
+        o = paged_attention(q, kv_cache, meta)
+        with _prompt_rows(meta, h.shape[0]):
+            return self.attn_out(h, o)
 
     # The two dense halves around the paged attention: pure tensor functions of ``T`` (the compiled
     # decode graphs of ``cluster.model.compile`` trace them with the attention between).

@@ -14,6 +14,8 @@ caller's dtype. Every tensor-parallel rank quantizes its own shard after loading
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -25,13 +27,26 @@ from cluster.config import QUANT_CHOICES
 
 INT4_GROUP_SIZES = (128, 64, 32)  # the kernels' supported group sizes, largest first
 ACT_DTYPE = torch.bfloat16
-# Rows (tokens) from which a quantized layer with a dense copy multiplies by it instead (prefill
-# chunks, large decode batches). Measured on the CPU (AVX-512 + AMX, 2 threads): a [3072, 576] weight
-# alone, the int4 kernel takes 0.40 / 5.9 / 28.6 ms at 16 / 256 / 1166 rows, a bfloat16 GEMM 0.16 /
-# 0.56 / 1.7 ms; the default model's compiled decode step at 2 / 8 / 16 / 32 rows takes 13.5 / 28.0 /
-# 48.9 / 70.6 ms with the int4 kernels and 29.4 / 32.4 / 37.7 / 47.6 ms with the dense copies (the
-# int4 kernel reads 4x fewer bytes, so it wins at small batches).
-DENSE_MIN_ROWS = 16
+# Prefill rows of the current layer call: rows ``[k, T)`` of a quantized layer's input are prompt
+# tokens (``k`` = the decode rows before them), which multiply by the layer's dense copy if it has
+# one; None (the default, decode-only calls, compiled graphs, the LM head): every row uses the
+# quantized kernel. Set by the decoder layer (:func:`dense_rows_from`). Measured on the CPU (AVX-512 +
+# AMX, 2 threads, a [3072, 576] weight): the int4 kernel takes 0.40 / 5.9 / 28.6 ms at 16 / 256 /
+# 1166 rows, a bfloat16 GEMM 0.16 / 0.56 / 1.7 ms. Splitting by the rows' kind, not by their count,
+# keeps a token's result independent of its batch-mates and of the prefix cache: a prompt token
+# always goes through the dense copy, a decode token always through the quantized kernel.
+_DENSE_FROM: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("eeserve_dense_from", default=None)
+
+
+@contextlib.contextmanager
+def dense_rows_from(k: int):
+    """Within the block, quantized layers with a dense copy multiply input rows ``k ..`` (prompt
+    tokens) by it and rows ``.. k`` by their quantized kernel."""
+    token = _DENSE_FROM.set(k)
+    try:
+        yield
+    finally:
+        _DENSE_FROM.reset(token)
 
 
 def int4_group_size(in_features: int, preferred: int) -> int:
@@ -215,15 +230,19 @@ class QuantizedWeight(nn.Module):
 
     def add_dense(self) -> None:
         """Keep a dense bfloat16 copy ``[N, K]`` of the matrix (:meth:`dequantize`, the kernel's own
-        values) for inputs of at least :data:`DENSE_MIN_ROWS` rows (``dense_prefill``): 2 bytes per
-        weight more memory, prefill GEMMs at the dense kernels' speed."""
+        values) for prompt tokens (``dense_prefill``, :func:`dense_rows_from`): 2 bytes per weight
+        more memory, prefill GEMMs at the dense kernels' speed."""
         self.register_buffer("dense", self.dequantize().to(ACT_DTYPE).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # the engine's case ([T, in]): no reshapes (each op costs dispatcher time at batch 1)
             dense = self._buffers.get("dense")
-            if dense is not None and x.shape[0] >= DENSE_MIN_ROWS:  # in a compiled graph: a guard on the rows
-                return F.linear(x.to(ACT_DTYPE), dense).to(x.dtype)
+            # (compiled decode graphs hold decode rows only: no context lookup, which Dynamo cannot trace)
+            k = None if dense is None or torch.compiler.is_compiling() else _DENSE_FROM.get()
+            if k is not None and k < x.shape[0]:  # prompt rows [k, T) through the dense copy
+                xb = x.to(ACT_DTYPE)
+                y = F.linear(xb[k:], dense)
+                return (torch.cat([self._mm(xb[:k].contiguous()), y]) if k else y).to(x.dtype)
             return self._mm(x.to(ACT_DTYPE).contiguous()).to(x.dtype)
         lead = x.shape[:-1]
         y = self._mm(x.reshape(-1, self.in_features).to(ACT_DTYPE).contiguous())
