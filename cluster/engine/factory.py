@@ -190,9 +190,8 @@ def create_engine(model: Optional[str] = None, tensor_parallel_size: int = 1,
     linear layer of the decoder and the LM head; each tensor-parallel rank quantizes its own shard
     after loading. Trained exit heads' small adapters and exit classifiers stay float.
     ``torch_compile``: ``auto`` (the default, :func:`resolve_torch_compile`), True or False: run
-    decode iterations as compiled graphs and the other iterations' dense layer halves compiled
-    (:mod:`cluster.model.compile`; start-up pays the compilation once per machine, outputs may differ
-    in the last bits).
+    decode iterations as compiled graphs, other iterations eagerly (:mod:`cluster.model.compile`;
+    start-up pays the compilation once per machine, outputs may differ in the last bits).
     ``dense_prefill`` (opt-in): quantized layers also keep a dense bfloat16 copy (2 bytes per weight)
     that prompt tokens multiply by, decode tokens never (:func:`~cluster.model.layers.quant.dense_rows_from`:
     the int4 / int8 kernels are 10-17x slower than a bfloat16 GEMM at hundreds of rows on the CPU).

@@ -168,8 +168,8 @@ def skip_draft_forward(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     skipped = set(skip)
     h = model.model.embed_tokens(input_ids)
     graphs = decode_graphs(model)
-    segments = kept_segments(skipped, model.config.num_layers)
-    if graphs is not None and all(graphs.is_ready(*seg) for seg in segments):  # compiled at start-up
+    segments = kept_segments(skipped, model.config.num_layers) if graphs is not None else []
+    if segments and all(graphs.is_ready(*seg) for seg in segments):  # compiled at start-up
         for start, end in segments:
             h = graphs.run(h, positions, meta, kv_caches, start, end)
         return exit_logits(model, heads, model.config.num_layers, h)

@@ -48,7 +48,7 @@ class ModelRunner:
         self.heads = ExitHeads(model, exit_config) if exit_config is not None and exit_config.exit_layers else None
         self.block_size = block_size
         self.is_driver = is_driver
-        # per layer [2, num_blocks, block_size, KVH, d] views; one list, refilled by initialize_cache
+        # per layer [2, num_blocks, block_size, KVH, d], each its own tensor; one list, refilled by initialize_cache
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         if num_blocks is not None:
