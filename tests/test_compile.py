@@ -139,6 +139,20 @@ def test_compiled_layer_skip_drafts_and_verifies_in_graphs(damped_model_dir):
                 assert {(0, 2), (5, 6)} <= set(segments), set(segments)
                 acc, _ = spec_totals(outs[mode])
                 assert acc > 0.5, acc
+                # online skip selection reads every layer's state from its verifications: they run the
+                # same whole-decoder graph as the full model (an eager verification would part from
+                # the full model's answer at near-ties), the states coming out of the graph
+                events = []
+                graphs.run = lambda *a: events.append(a[-2:]) or run_(*a)
+                spec = llm.engine.workers.local.runner.spec_decoder
+                reselect = spec.reselect
+                spec.reselect = lambda captured: events.append(("reselect", captured.shape[0])) or reselect(captured)
+                online = [run(llm, [request(llm, p, params, exit_mode="layer_skip", skip_selection="online")])[0]
+                          for p in PROMPTS[:3]]
+                picks = [i for i, e in enumerate(events) if e[0] == "reselect"]
+                assert picks and all(events[i - 1] == (0, 6) and events[i] == ("reselect", 7) for i in picks), events
+                pairs = [(a, b) for f, o in zip(outs["full"], online) for a, b in zip(f.token_ids, o.token_ids)]
+                assert sum(a == b for a, b in pairs) >= 0.8 * len(pairs)
         finally:
             llm.shutdown()
     pairs = [(a, b) for f, s in zip(outs["full"], outs["layer_skip"]) for a, b in zip(f.token_ids, s.token_ids)]

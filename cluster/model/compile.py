@@ -92,13 +92,15 @@ class DecodeGraphs:
 
         def segment(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
                     block_tables: torch.Tensor, mask: torch.Tensor, kv_caches: list[torch.Tensor],
-                    start: int, end: int) -> torch.Tensor:
+                    start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+            states = []
             for i in range(start, end):
                 layer = layers[i]
                 q, kv = layer.attn_in(h, cos, sin)
                 write_kv(kv_caches[i - start], kv, slot_mapping)
                 h = layer.attn_out(h, decode_attention(q, kv_caches[i - start], block_tables, mask))
-            return h
+                states.append(h)
+            return h, torch.stack(states)
 
         self._segment = torch.compile(segment, dynamic=True)
         self.ready: set[tuple[int, int]] = set()  # segments compiled by warm_up
@@ -109,11 +111,14 @@ class DecodeGraphs:
         return (start, end) in self.ready
 
     def run(self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            kv_caches: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
+            kv_caches: list[torch.Tensor], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layers ``start .. end - 1`` (0-based) over a decode-only batch: ``h: [D, hidden]``
         (the state entering layer ``start``), ``positions: [D]``, ``meta`` with ``num_decodes == D``
         and no prefill chunk, ``kv_caches`` every layer's cache. Writes the rows' K/V of those layers
-        and returns the state after layer ``end - 1``: ``[D, hidden]``. No host read.
+        and returns the state after layer ``end - 1``, ``[D, hidden]``, and the state after each
+        layer, ``[end - start, D, hidden]`` (what online skip selection reads from a verification,
+        :mod:`cluster.worker.spec_decode`: one graph serves iterations with and without it, so a
+        verification that keeps its states computes exactly what the full model does). No host read.
         """
         bs = kv_caches[0].shape[2]
         cos, sin = self.rotary.tables(positions, h.dtype)

@@ -124,13 +124,15 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     run = _ExitPass(model, heads, input_ids, positions, meta, kv_caches, batch)
     cap = batch.capture_rows
     kept = [] if cap is None else [run.h.index_select(0, cap)]
-    graphs = decode_graphs(model) if cap is None and not batch.joins and meta.num_decodes == run.T else None
+    graphs = decode_graphs(model) if not batch.joins and meta.num_decodes == run.T else None
     i = 0
     while graphs is not None and i < run.L and run.compiled_ok():  # decode-only: compiled segments
         end = run.next_check(i)
         if not graphs.is_ready(i, end):
             break
-        run.h = graphs.run(run.h, positions, meta, kv_caches, i, end)
+        run.h, states = graphs.run(run.h, positions, meta, kv_caches, i, end)
+        if cap is not None:
+            kept.extend(states.index_select(1, cap).unbind(0))
         i = end
         if i in run.exit_at and run.pending:
             run.exit_test(i)

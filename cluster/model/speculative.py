@@ -171,7 +171,7 @@ def skip_draft_forward(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     segments = kept_segments(skipped, model.config.num_layers) if graphs is not None else []
     if segments and all(graphs.is_ready(*seg) for seg in segments):  # compiled at start-up
         for start, end in segments:
-            h = graphs.run(h, positions, meta, kv_caches, start, end)
+            h = graphs.run(h, positions, meta, kv_caches, start, end)[0]
         return exit_logits(model, heads, model.config.num_layers, h)
     for i, layer in enumerate(model.model.layers):
         if i + 1 not in skipped:
