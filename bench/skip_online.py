@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Optional
 
 from bench.common.engines import engine_kwargs, run_batch
 from bench.common.prompts import chat_prompts, held_out_prompts
@@ -33,13 +34,18 @@ def variants(k: int) -> dict[str, dict]:
             "online-adaptive": dict(ls, skip_selection="online")}
 
 
-def measure(quant: str, n_prompts: int, max_tokens: int, k: int, rounds: int) -> tuple[list[dict], dict]:
+def measure(quant: str, n_prompts: int, max_tokens: int, k: int, rounds: int,
+            skip_layers: Optional[tuple[int, ...]] = None) -> tuple[list[dict], dict]:
     from cluster.model.loader import resolve_model_dir
 
     model_dir = resolve_model_dir(None)
     shipped = model_exit_config(model_dir, 30)
-    llm = LLM(None, quantization=quant, early_exit=dataclasses.replace(shipped, spec_max_batch=1),
-              **engine_kwargs("float32"))
+    # layer_skip as the engine's default mode: the compiled decode step builds graphs for the default
+    # mode's segments, so the static set's drafts run compiled like the full model (online sets run the
+    # layers they keep eagerly when their segments differ)
+    ec = dataclasses.replace(shipped, spec_max_batch=1, mode="layer_skip",
+                             skip_layers=skip_layers or shipped.skip_layers)
+    llm = LLM(None, quantization=quant, early_exit=ec, **engine_kwargs("float32"))
     try:
         texts, source = held_out_prompts(llm.engine.exit_config)
         prompts = chat_prompts(llm, texts, n_prompts)
@@ -73,10 +79,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=3, help="fixed draft length of the -k variants")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--skip-layers", type=int, nargs="+", default=None,
+                    help="the static skip set (default: the exit config's, else the default rule)")
     args = ap.parse_args()
     rows, meta = [], {}
     for q in args.quantizations:
-        r, meta[q] = measure(q, args.prompts, args.max_tokens, args.k, args.rounds)
+        skip = tuple(sorted(set(args.skip_layers))) if args.skip_layers else None
+        r, meta[q] = measure(q, args.prompts, args.max_tokens, args.k, args.rounds, skip)
         rows += r
         print_table(r, list(r[0]))
     print_table(rows, list(rows[0]))

@@ -9,9 +9,11 @@ held-out test split of the exit heads (never used for training or calibration), 
 Variants: ``full`` (the full model), ``lossy`` (the exit config's policy at its calibrated
 thresholds), ``verified`` (AdaDecode-style), ``self_spec`` (LayerSkip-style at the default draft
 layer with the adaptive draft length), ``layer_skip`` (SWIFT-style: the model minus ``--skip-layers``,
-default the exit config's or every other middle layer, adaptive draft length), and ``self_spec@E``
-(fixed draft length, every exit layer E, and the skip set; batch 1 only: the per-draft-layer
-acceptance that bounds the speed-up).
+default the exit config's or every other middle layer, adaptive draft length), ``layer_skip_online``
+(the same starting set re-chosen online, CLaSp), ``layer_skip_k1`` / ``layer_skip_online_k1`` (one
+draft on every iteration where drafting is allowed, ``--spec-max-batch``: what drafting costs where
+the draft control switches it off), and ``self_spec@E`` (fixed draft length, every exit layer E, and
+the skip set; batch 1 only: the per-draft-layer acceptance that bounds the speed-up).
 
 Reported per (variant, batch): tokens/s (generated tokens / wall time, prefill included) and the
 ratio to ``full``; acceptance rate (accepted / proposed drafts); verified tokens per verification
@@ -22,6 +24,9 @@ model (:meth:`cluster.engine.engine.LLMEngine.draft_cost`) and the speed-up boun
 
     python -m bench.spec --batch-sizes 1 4 16 --max-tokens 64 --repeats 2
     python -m bench.spec --batch-sizes 1 --skip-layers 8 10 12 14 16 18 20 22
+    python -m bench.spec --batch-sizes 1 4 16 32 --repeats 3 --skip-layers 4 5 6 7 8 18 26 28 \
+        --engine-mode layer_skip --spec-max-batch 64 --lossy-thresholds \
+        --variants default verified self_spec layer_skip layer_skip_online layer_skip_k1 layer_skip_online_k1
 """
 from __future__ import annotations
 
@@ -71,10 +76,25 @@ def main(argv=None):
                     help="extra lossy variants at one threshold for every exit layer (the frontier's lossy points)")
     ap.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"],
                     help="weights (auto: int4 for the default model's Q4 GGUF on the CPU; none: float32)")
+    ap.add_argument("--engine-mode", default=None, choices=["full", "layer_skip"],
+                    help="the engine's default mode (default: the exit config's). The compiled decode step builds "
+                         "its graphs for the default mode only, so `layer_skip` compiles the drafts' kept layers "
+                         "(with --skip-layers) as well as the full model, and the layer_skip row is not run eagerly")
+    ap.add_argument("--spec-max-batch", type=int, default=None,
+                    help="the engine's spec_max_batch (default: the exit config's, 1): with more, lossless modes may "
+                         "draft at larger batches where the batch-aware draft control lets them")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="run only these variants (and `full`), e.g. `layer_skip layer_skip_k1`")
     ap.add_argument("--name", default="spec")
     args = ap.parse_args(argv)
 
-    llm = LLM(args.model, quantization=args.quantization)
+    early_exit = {}
+    if args.engine_mode or args.spec_max_batch is not None:
+        from cluster.engine.factory import model_exit_config_with
+        skip_cfg = tuple(sorted(set(args.skip_layers))) if args.skip_layers and args.engine_mode == "layer_skip" else None
+        early_exit = dict(early_exit=model_exit_config_with(args.model, mode=args.engine_mode, skip_layers=skip_cfg,
+                                                            spec_max_batch=args.spec_max_batch))
+    llm = LLM(args.model, quantization=args.quantization, **early_exit)
     eng = llm.engine
     ec = eng.exit_config
     L = eng.model_config.num_layers
@@ -91,7 +111,20 @@ def main(argv=None):
         "verified": dict(exit_mode="verified", num_draft_tokens=k),  # a cap; draft control stays on
         "self_spec": dict(exit_mode="self_speculative"),  # adaptive draft length (the config's)
         "layer_skip": dict(exit_mode="layer_skip", skip_layers=skip),  # adaptive draft length (the config's)
+        # CLaSp's online re-selection from the same starting set (its re-chosen kept runs are not among the
+        # compiled graphs: they run eagerly)
+        "layer_skip_online": dict(exit_mode="layer_skip", skip_layers=skip, skip_selection="online"),
+        # one draft per verification on every iteration where drafting is allowed (spec_max_batch): what
+        # drafting costs where the draft control would switch it off
+        "layer_skip_k1": dict(exit_mode="layer_skip", skip_layers=skip, num_draft_tokens=1),
+        "layer_skip_online_k1": dict(exit_mode="layer_skip", skip_layers=skip, skip_selection="online",
+                                     num_draft_tokens=1),
     }
+    if args.variants:
+        unknown = set(args.variants) - set(variants)
+        if unknown:
+            ap.error(f"--variants: unknown {sorted(unknown)}; choose from {list(variants)}")
+        variants = {n: m for n, m in variants.items() if n == "full" or n in args.variants}
     rows = []
     for B in args.batch_sizes:
         ps = (prompts * (1 + max(B, args.num_prompts) // len(prompts)))[:max(B, args.num_prompts)]
@@ -131,7 +164,7 @@ def main(argv=None):
         a = sum(o.num_accepted_tokens for o in outs) / max(1, sum(o.num_draft_tokens for o in outs))
         c = eng.draft_cost(None, skip)
         best_k = max(range(0, 9), key=lambda kk: DraftLengthController.gain(a, kk, c))
-        layer_rows.append({"draft_layer": f"skip {list(skip)}", "acceptance_k1": round(a, 3),
+        layer_rows.append({"draft_layer": f"skip {list(skip)} ({len(skip) / L:.0%} of layers)", "acceptance_k1": round(a, 3),
                            "draft_cost": round(c, 3), "best_k": best_k,
                            "bound_speedup": round(DraftLengthController.gain(a, best_k, c), 3)})
     if layer_rows:
@@ -141,7 +174,9 @@ def main(argv=None):
                      "num_draft_tokens": k, "skip_layers": list(skip),
                      "exit_config": {"exit_layers": list(ec.exit_layers), "policy": ec.policy,
                                      "confidence": ec.confidence},
-                     "quantization": eng.model_config.quantization})
+                     "quantization": eng.model_config.quantization, "engine_mode": ec.mode,
+                     "torch_compile": eng.model_config.torch_compile, "spec_max_batch": ec.spec_max_batch,
+                     "skip_draft_cost": round(eng.draft_cost(None, skip), 3)})
 
 
 if __name__ == "__main__":

@@ -129,13 +129,17 @@ def test_spec_bench_compares_every_mode_against_the_full_model(tiny_model_dir, t
 
     bench.spec.main(["--model", tiny_model_dir, "--quantization", "none", "--batch-sizes", "1", "2",
                      "--max-tokens", "6", "--num-prompts", "2", "--repeats", "2", "--layer-prompts", "1",
-                     "--lossy-thresholds", "--name", "tiny-spec"])
+                     "--lossy-thresholds", "--spec-max-batch", "4", "--name", "tiny-spec"])
     data = json.loads((tmp_path / "new" / "tiny-spec.json").read_text())
     rows = {(r["variant"], r["batch"]): r for r in data["rows"]}
+    lossless = ("verified", "self_spec", "layer_skip", "layer_skip_online", "layer_skip_k1", "layer_skip_online_k1")
     for b in (1, 2):
-        assert {"full", "default", "lossy", "verified", "self_spec", "layer_skip"} <= {v for v, bb in rows if bb == b}
+        assert {"full", "default", "lossy", *lossless} <= {v for v, bb in rows if bb == b}
         assert rows[("full", b)]["speedup_vs_full"] == 1.0
-        for v in ("verified", "self_spec", "layer_skip"):
+        for v in lossless:
             assert rows[(v, b)]["exact_match"] == 1.0, v
+        # a fixed draft length drafts on every iteration, at batch 2 too (spec_max_batch 4)
+        assert rows[("layer_skip_k1", b)]["drafts_per_token"] > 0.3
     assert (tmp_path / "new" / "tiny-spec-frontier.png").exists()
     assert data["draft_layers"][-1]["draft_layer"].startswith("skip")
+    assert data["spec_max_batch"] == 4 and 0 < data["skip_draft_cost"] < 1

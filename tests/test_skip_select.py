@@ -110,3 +110,26 @@ def test_online_moves_from_a_bad_set_to_the_damped_layers(damped_model_dir, full
         assert_idle(llm)
     finally:
         llm.shutdown()
+
+
+def test_online_tensor_parallel_2(ray_session, damped_model_dir, full):
+    """Two ranks (gloo) re-choose the skip set online: rank 0's choice is broadcast, so both ranks
+    draft with the same layers (a disagreement would mismatch the ranks' all-reduces and hang or
+    garble the drafts). Greedy output equals the full model at size 1, and acceptance rises from
+    the bad starting set as it does at size 1."""
+    prompts, params = PROMPTS[:2], GREEDY.model_copy(update={"max_tokens": 40})
+    ref = reference(full, prompts, params)
+    llm = make_llm(damped_model_dir, ExitConfig(mode="layer_skip", adaptive_drafts=False, spec_max_batch=16),
+                   tensor_parallel_size=2)
+    try:
+        rates = {}
+        for sel in ("static", "online"):
+            outs = run(llm, [request(llm, p, params, skip_layers=[1, 2], skip_selection=sel, num_draft_tokens=3)
+                             for p in prompts])
+            assert [o.token_ids for o in outs] == ref, sel
+            assert all(o.num_verify_steps > RESELECT_EVERY for o in outs)
+            rates[sel] = spec_totals(outs)[0]
+        assert rates["online"] > rates["static"] + 0.3, rates
+        assert_idle(llm)
+    finally:
+        llm.shutdown()
