@@ -83,8 +83,8 @@ def main() -> None:
                     help="the static skip set (default: the exit config's, else the default rule)")
     args = ap.parse_args()
     rows, meta = [], {}
+    skip = tuple(sorted(set(args.skip_layers))) if args.skip_layers else None
     for q in args.quantizations:
-        skip = tuple(sorted(set(args.skip_layers))) if args.skip_layers else None
         r, meta[q] = measure(q, args.prompts, args.max_tokens, args.k, args.rounds, skip)
         rows += r
         print_table(r, list(r[0]))

@@ -88,10 +88,11 @@ def main(argv=None):
     ap.add_argument("--name", default="spec")
     args = ap.parse_args(argv)
 
+    skip_arg = tuple(sorted(set(args.skip_layers))) if args.skip_layers else None
     early_exit = {}
     if args.engine_mode or args.spec_max_batch is not None:
         from cluster.engine.factory import model_exit_config_with
-        skip_cfg = tuple(sorted(set(args.skip_layers))) if args.skip_layers and args.engine_mode == "layer_skip" else None
+        skip_cfg = skip_arg if args.engine_mode == "layer_skip" else None
         early_exit = dict(early_exit=model_exit_config_with(args.model, mode=args.engine_mode, skip_layers=skip_cfg,
                                                             spec_max_batch=args.spec_max_batch))
     llm = LLM(args.model, quantization=args.quantization, **early_exit)
@@ -102,7 +103,7 @@ def main(argv=None):
     prompts = chat_prompts(llm, texts, len(texts))
     sp = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
     k = args.num_draft_tokens
-    skip = tuple(sorted(set(args.skip_layers or ec.skip_layers or default_skip_layers(L))))
+    skip = skip_arg or tuple(sorted(set(ec.skip_layers or default_skip_layers(L))))
     variants = {
         "full": dict(early_exit=False),
         "default": dict(),  # what a request that names no mode gets (the exit config's mode)
