@@ -10,9 +10,12 @@ median kept. Variants, per quantization:
 * ``eager``: ``torch_compile=False``;
 * ``compiled, cold``: ``torch_compile=True`` with an empty Inductor cache (a fresh temporary
   ``TORCHINDUCTOR_CACHE_DIR``): the first start on a machine;
-* ``compiled, cached``: the same again with that cache filled: every later start.
+* ``compiled, cached``: the same again with that cache filled: every later start;
+* ``compiled, aten GEMMs`` (cold and cached): the compiled step with the CPU's GEMM templates off
+  (``EESERVE_GEMM_TEMPLATES=0``): the graphs call PyTorch's int4 / int8 kernels, as they do on CUDA
+  (``--no-aten-variant`` leaves it out).
 
-Rounds alternate eager and cached processes (``--rounds``, best step time kept); the cold start runs
+Rounds alternate eager and cached processes (``--rounds``, best step time kept); the cold starts run
 once. Output: a table, ``bench/results/<name>.json``.
 
     python -m bench.compile_step --quantization int4 none --batch-sizes 1 16 --rounds 2
@@ -29,6 +32,7 @@ import tempfile
 import time
 
 from bench.common.results import print_table, save
+from cluster.model.compile import TEMPLATES_ENV
 
 TEXTS = ["Name three planets and say one thing about each.", "Explain how bread is made.",
          "Write a haiku about rivers.", "What is a bicycle?"]
@@ -58,12 +62,12 @@ def child(args) -> dict:
     return out
 
 
-def run_child(args, quantization: str, compiled: bool, cache: str) -> dict:
+def run_child(args, quantization: str, compiled: bool, cache: str, templates: bool = True) -> dict:
     cmd = [sys.executable, "-m", "bench.compile_step", "--child", "--quantization", quantization,
            "--batch-sizes", *map(str, args.batch_sizes), "--steps", str(args.steps)]
     cmd += ["--compiled"] if compiled else []
     cmd += ["--model", args.model] if args.model else []
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, **{TEMPLATES_ENV: "1" if templates else "0"})
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -75,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size (median)")
     ap.add_argument("--rounds", type=int, default=2, help="alternating eager / cached rounds (best kept)")
+    ap.add_argument("--no-aten-variant", action="store_true",
+                    help="leave out the compiled variant without the CPU's GEMM templates")
     ap.add_argument("--name", default="compile-step")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
@@ -86,19 +92,28 @@ def main(argv=None):
 
     rows = []
     for q in args.quantization:
+        # (variant, compiled, templates)
+        variants = [("eager", False, True), ("compiled", True, True)]
+        variants += [] if args.no_aten_variant else [("compiled, aten GEMMs", True, False)]
         with tempfile.TemporaryDirectory(prefix="eeserve-inductor-") as cache:
-            cold = run_child(args, q, True, cache)
-            print(f"  {q}: compiled, cold start {cold['startup_s']} s", flush=True)
-            runs = {"eager": [], "compiled, cached": []}
+            cold, runs = {}, {"eager": []}
+            for name, compiled, templates in variants[1:]:
+                cold[name] = run_child(args, q, True, cache, templates)
+                runs[f"{name}, cached"] = []
+                print(f"  {q}: {name}, cold start {cold[name]['startup_s']} s", flush=True)
             for _ in range(args.rounds):
-                for name, compiled in (("eager", False), ("compiled, cached", True)):
-                    runs[name].append(run_child(args, q, compiled, cache))
-                    print(f"  {q}: {name} {runs[name][-1]}", flush=True)
+                for name, compiled, templates in variants:
+                    key = f"{name}, cached" if compiled else name
+                    runs[key].append(run_child(args, q, compiled, cache, templates))
+                    print(f"  {q}: {key} {runs[key][-1]}", flush=True)
         best = {name: {k: (min if k.endswith("_ms") else max)(r[k] for r in rs) for k in rs[0]}
                 for name, rs in runs.items()}
-        best["compiled, cached"]["startup_s"] = min(r["startup_s"] for r in runs["compiled, cached"])
-        best["compiled, cold"] = {"startup_s": cold["startup_s"], **{k: v for k, v in cold.items() if k != "startup_s"}}
-        for name in ("eager", "compiled, cold", "compiled, cached"):
+        order = ["eager"]
+        for name, r in cold.items():
+            best[f"{name}, cached"]["startup_s"] = min(x["startup_s"] for x in runs[f"{name}, cached"])
+            best[f"{name}, cold"] = dict(r)
+            order += [f"{name}, cold", f"{name}, cached"]
+        for name in order:
             row = {"quantization": q, "variant": name, **best[name]}
             for b in args.batch_sizes:
                 row[f"b{b}_vs_eager"] = round(best["eager"][f"b{b}_step_ms"] / row[f"b{b}_step_ms"], 2)

@@ -148,8 +148,10 @@ def resolve_torch_compile(torch_compile: Union[bool, str], device: str, tensor_p
 
     ``auto`` is on for the CPU at tensor-parallel size 1, off on CUDA and under tensor parallelism:
     on the CPU the compiled decode step measured 1.3-1.4x the eager one at batch 1 and 1.2-1.3x at
-    batch 16 (``bench/compile_step.py``, README "Performance"), for 50-70 s of compilation at the
-    first start on a machine and about 15 s at later starts (Inductor's cache under
+    batch 16 (``bench/compile_step.py``, README "Performance"); with Inductor's CPU GEMM templates
+    (:func:`cluster.model.compile.inductor_options`) the int4 step at batch 16 / 32 is a further 1.18 /
+    1.19x, for about 160 s of compilation and autotuning at the first start on a machine (about 90 s
+    without the templates) and less at later starts (Inductor's cache under
     ``$EESERVE_CACHE_DIR/inductor``); CUDA graphs and the tensor-parallel all-reduce inside graphs are
     not measured yet. The environment variable ``EESERVE_TORCH_COMPILE`` (``0`` / ``1``) overrides
     ``auto`` (the test suite sets ``0``).

@@ -12,6 +12,16 @@ whole decoder is one graph; ``layer_skip`` drafts run their kept-layer runs,
 in place inside the graph, which is why every layer's cache is its own allocation (a view of one
 shared tensor would be copied whole at each call).
 
+On the CPU the graphs are compiled with Inductor's max-autotune GEMM templates and frozen weights
+(:func:`inductor_options`): the int4 matmuls then run Inductor's C++ WoQ-int4 template, whose AMX
+micro-kernel dequantizes a weight block once for all rows, where ``_weight_int4pack_mm_for_cpu``
+costs about one weight read per few rows (the whole int4 decoder of SmolLM2-135M: 8.1 / 11 / 32 / 60
+ms at 1 / 4 / 16 / 32 rows with the aten kernel, 5.3 / 10 / 11 / 13 ms with the template; 2 threads,
+AVX-512 + AMX). Frozen weights are constants of the graph, so Dynamo guards the parameters by
+identity: each engine (each set of weights) compiles its own graphs. The template's rows do not
+depend on their batch-mates for ``D >= 2``; ``D == 1`` is its own graph (another micro-kernel), so a
+sequence's result can differ in the last bits between batch 1 and larger batches.
+
 Every other iteration (prefill chunks, mixed batches, rows leaving after an exit) runs eagerly: it
 is bound by its matmuls (with ``dense_prefill``, bfloat16 GEMMs), not by Python.
 
@@ -34,10 +44,13 @@ https://pytorch.org/tutorials/recipes/torch_compile_caching_tutorial.html
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional
 
 import torch
+import torch._inductor.config as inductor_config
+import torch.compiler.config as compiler_config
 import torch.nn.functional as F
 
 from cluster.model.layers.attention import AttentionMetadata, decode_attention, write_kv
@@ -57,6 +70,60 @@ def use_cache_dir() -> str:
         path.mkdir(parents=True, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+# the environment switch for the CPU's GEMM templates (``0`` turns them off: the graphs call PyTorch's
+# matmul kernels, as on CUDA); for A/B benchmarks (bench/compile_step.py --templates)
+TEMPLATES_ENV = "EESERVE_GEMM_TEMPLATES"
+
+
+def inductor_options(device: torch.device) -> dict:
+    """Inductor options of the decode graphs on ``device``: on the CPU max-autotune over Inductor's C++
+    GEMM templates and PyTorch's kernels (the WoQ int4 template needs frozen weights, which
+    :meth:`DecodeGraphs.run` turns on while it calls the graphs); none on CUDA (Triton autotuning of
+    the bfloat16 GEMMs is unmeasured) or when ``$EESERVE_GEMM_TEMPLATES`` is ``0``.
+
+    Docs: https://pytorch.org/tutorials/prototype/max_autotune_on_CPU_tutorial.html
+    """
+    if device.type != "cpu" or os.environ.get(TEMPLATES_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+        return {}
+    return {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN", "freezing": True}
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hex digest of every parameter and buffer of ``model`` (names, shapes, dtypes and bytes).
+
+    Frozen weights are constants inside the compiled code, but Inductor's on-disk FX graph cache keys
+    a graph by its code and input shapes, not by the constants' values: without this digest in the
+    key (``torch.compiler.config.cache_key_tag``) a second model of the same shapes (a fine-tune, a
+    re-quantized checkpoint) would load the first one's graphs and compute with the first one's
+    weights. Reads every byte once (about 0.1 s per 100 MB on the CPU)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        data = t.detach().to("cpu").contiguous()
+        digest.update(data.view(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def frozen_weights(cache_tag: str):
+    """The context a graph with frozen weights is traced, compiled and called in: Inductor's
+    ``freezing`` on and ``cache_key_tag`` set to ``cache_tag`` (:func:`weights_fingerprint` of the
+    weights it freezes), so the on-disk cache never serves it to other weights."""
+    return _Frozen(cache_tag)
+
+
+class _Frozen:
+    def __init__(self, cache_tag: str):
+        self._patches = (inductor_config.patch(freezing=True), compiler_config.patch(cache_key_tag=cache_tag))
+
+    def __enter__(self):
+        for p in self._patches:
+            p.__enter__()
+
+    def __exit__(self, *exc):
+        for p in reversed(self._patches):
+            p.__exit__(*exc)
 
 
 def _raise_recompile_limit() -> None:
@@ -102,8 +169,38 @@ class DecodeGraphs:
                 states.append(h)
             return h, torch.stack(states)
 
-        self._segment = torch.compile(segment, dynamic=True)
+        self.options = inductor_options(next(model.parameters()).device)
+        self._segment = torch.compile(segment, dynamic=True, options=self.options)
+        # Dynamo reads the freezing flag when it traces (frozen parameters get identity guards), so
+        # it is set around every call, not only in the options Inductor sees; frozen graphs carry
+        # the weights, so the cache key carries their digest (weights_fingerprint)
+        self._freezing = self.options.get("freezing", False)
+        self._cache_tag = weights_fingerprint(model) if self._freezing else ""
         self.ready: set[tuple[int, int]] = set()  # segments compiled by warm_up
+
+        norm, lm_head = model.model.norm, model.lm_head
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            return lm_head.local_logits(norm(h))
+
+        # the final norm + LM head of every iteration's sampled rows (decode or not: the head is
+        # row-wise); the int8 head's matmul is the largest of the step
+        self._head = torch.compile(head, dynamic=True, options=self.options)
+        self.head_ready = False  # compiled by warm_up
+
+    def _call(self, fn, *args):
+        if not self._freezing:
+            return fn(*args)
+        with frozen_weights(self._cache_tag):
+            return fn(*args)
+
+    def local_logits(self, h: torch.Tensor) -> Optional[torch.Tensor]:
+        """The compiled :meth:`LlamaForCausalLM.final_local_logits`: ``h: [n, hidden]`` final-layer
+        states -> ``[n, V_local]`` float32 logits, or None when no graph serves ``h`` (before
+        :meth:`warm_up`, ``n == 0``, or with autograd on: callers then run the eager head)."""
+        if not self.head_ready or h.shape[0] == 0 or torch.is_grad_enabled():
+            return None
+        return self._call(self._head, h)
 
     def is_ready(self, start: int, end: int) -> bool:
         """Whether the segment ``start .. end - 1`` was compiled at start-up. Callers run other
@@ -127,7 +224,7 @@ class DecodeGraphs:
         if pad > 0:  # masked extra columns (block 0, never visible): the graphs keep W symbolic
             tables = F.pad(tables, (0, pad))
             mask = F.pad(mask, (0, pad * bs), value=float("-inf"))
-        return self._segment(h, cos, sin, meta.slot_mapping, tables, mask, kv_caches[start:end], start, end)
+        return self._call(self._segment, h, cos, sin, meta.slot_mapping, tables, mask, kv_caches[start:end], start, end)
 
     # Shapes traced at warm-up: Dynamo unifies equal sizes ("duck sizing") and a size equal to a
     # constant of the code (K/V's 2, the block size, the head counts) gets specialized with it, so the
@@ -136,8 +233,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def warm_up(self, kv_caches: list[torch.Tensor], segments: list[tuple[int, int]], dtype: torch.dtype) -> None:
-        """Compile the graphs of ``segments`` for ``D == 1`` and ``D >= 2`` by running them on zero
-        states that write block 0 of ``kv_caches`` (a block nothing reads before writing it)."""
+        """Compile the graphs of ``segments`` and of the head for ``D == 1`` and ``D >= 2`` by running
+        them on zero states that write block 0 of ``kv_caches`` (a block nothing reads before writing it)."""
         dev = kv_caches[0].device
         hidden = self.layers[0].input_layernorm.weight.shape[0]
         for d in self.WARM_ROWS:
@@ -148,7 +245,9 @@ class DecodeGraphs:
             positions = torch.zeros(d, dtype=torch.long, device=dev)
             for start, end in segments:
                 self.run(torch.zeros(d, hidden, dtype=dtype, device=dev), positions, meta, kv_caches, start, end)
+            self._call(self._head, torch.zeros(d, hidden, dtype=dtype, device=dev))
         self.ready.update(segments)
+        self.head_ready = True
 
 
 def kept_segments(skip, num_layers: int) -> list[tuple[int, int]]:

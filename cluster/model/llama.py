@@ -145,5 +145,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tied_to=tied)
 
     def final_local_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """``[n, hidden]`` last-layer hidden states -> ``[n, V_local]`` float32 logits."""
-        return self.lm_head.local_logits(self.model.norm(h))
+        """``[n, hidden]`` last-layer hidden states -> ``[n, V_local]`` float32 logits (through the
+        compiled head of :mod:`cluster.model.compile` when the model has one)."""
+        graphs = self.__dict__.get("decode_graphs")
+        logits = None if graphs is None else graphs.local_logits(h)
+        return self.lm_head.local_logits(self.model.norm(h)) if logits is None else logits
