@@ -18,7 +18,8 @@ micro-kernel dequantizes a weight block once for all rows, where ``_weight_int4p
 costs about one weight read per few rows (the whole int4 decoder of SmolLM2-135M: 8.1 / 11 / 32 / 60
 ms at 1 / 4 / 16 / 32 rows with the aten kernel, 5.3 / 10 / 11 / 13 ms with the template; 2 threads,
 AVX-512 + AMX). Frozen weights are constants of the graph, so Dynamo guards the parameters by
-identity: each engine (each set of weights) compiles its own graphs. The template's rows do not
+identity: each engine (each set of weights) compiles its own graphs, and Inductor's on-disk cache
+key carries a digest of the weights (:func:`weights_fingerprint`, :func:`frozen_weights`). The template's rows do not
 depend on their batch-mates for ``D >= 2``; ``D == 1`` is its own graph (another micro-kernel), so a
 sequence's result can differ in the last bits between batch 1 and larger batches.
 
