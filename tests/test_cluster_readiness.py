@@ -68,9 +68,12 @@ def test_health_never_blocks_while_starting(started):
     url, answers = started
     assert answers and answers[-1][0] == 200, _seen(answers)
     # Serve's proxy: 404 until the route exists, 408 (the probe's timeout header) while the ingress
-    # starts; then the ingress: 503 while no LLMServer replica is ready, then 200; each in < 1 s
+    # starts; then the ingress: 503 while no LLMServer replica is ready, then 200; each in < 1 s.
+    # The proxy's 408 comes once its 0.8 s timer fires, and on a 2-core CI machine whose cores the
+    # starting replica holds, its event loop may run that timer late (1.1-1.3 s seen): bounded, not
+    # blocking, so a 408 gets the header's 0.8 s plus 1.2 s of scheduling slack
     assert all(a[0] in (404, 408, 503, 200) for a in answers), _seen(answers)
-    assert all(a[1] < 1.0 for a in answers), _seen(answers)
+    assert all(a[1] < (2.0 if a[0] == 408 else 1.0) for a in answers), _seen(answers)
     ours = [a for a in answers if a[0] == 503]
     assert all(isinstance(a[2], dict) and a[2]["error"]["code"] == "engine_unavailable" and a[3] for a in ours)
     assert answers[-1][2]["replicas"] == 1

@@ -26,11 +26,11 @@ def _tol(quantization: str) -> float:
     return 1e-2 if quantization == "none" else 1 / 4
 
 
-def _assert_same_first_token(e, c, tol: float, i: int = 0) -> None:
-    """The first token (one forward of the prompt) is the same in the eager run ``e`` and the compiled
-    run ``c``, or the two runs met a near-tie their rounding decided: the compiled token is among the
-    eager run's top tokens, within ``tol`` of the eager pick. The chosen logprobs agree within ``tol``.
-    ``i``: the token to compare (both runs must share the tokens before it)."""
+def _assert_same_token(e, c, tol: float, i: int = 0) -> None:
+    """Token ``i`` (by default the first: one forward of the prompt) is the same in the eager run ``e``
+    and the compiled run ``c``, or the two runs met a near-tie their rounding decided: the compiled
+    token is among the eager run's top tokens, within ``tol`` of the eager pick. The chosen logprobs
+    agree within ``tol``. Both runs must share the tokens before ``i``."""
     assert e.token_ids[:i] == c.token_ids[:i]
     if e.token_ids[i] != c.token_ids[i]:
         eager_top = dict(e.logprobs[i].top)
@@ -65,7 +65,7 @@ def test_compiled_layers_match_eager_and_do_not_recompile_per_layer(tiny_model_d
     for eager_batch, compiled_batch in zip(outs[False], outs[True]):
         for e, c in zip(eager_batch, compiled_batch):
             # the first token is decided by one forward of the prompt: same argmax, logprob within tolerance
-            _assert_same_first_token(e, c, _tol(quantization))
+            _assert_same_token(e, c, _tol(quantization))
             assert e.exit_layers[0] == c.exit_layers[0]
     # graphs, all built at start-up: per segment (the whole decoder, and the segments between the exit
     # layers 1 and 2) and the head (final norm + LM head) D == 1 and D >= 2; a per-layer or
@@ -135,7 +135,7 @@ def test_compiled_decode_graphs_serve_every_batch_and_context_without_recompilin
     agree = total = 0
     for eager_batch, compiled_batch in zip(outs[False], outs[True]):
         for e, c in zip(eager_batch, compiled_batch):
-            _assert_same_first_token(e, c, _tol(quantization))
+            _assert_same_token(e, c, _tol(quantization))
             agree += sum(a == b for a, b in zip(e.token_ids, c.token_ids))
             total += len(e.token_ids)
     if quantization == "none" or not templates:
