@@ -124,15 +124,19 @@ def forward_with_exits(model: LlamaForCausalLM, heads: Optional[ExitHeads], inpu
     run = _ExitPass(model, heads, input_ids, positions, meta, kv_caches, batch)
     cap = batch.capture_rows
     kept = [] if cap is None else [run.h.index_select(0, cap)]
-    graphs = decode_graphs(model) if not batch.joins and meta.num_decodes == run.T else None
+    graphs = decode_graphs(model) if not batch.joins else None
+    decode_only = meta.num_decodes == run.T
     i = 0
-    while graphs is not None and i < run.L and run.compiled_ok():  # decode-only: compiled segments
+    while graphs is not None and i < run.L and run.compiled_ok():  # compiled segments
         end = run.next_check(i)
-        if not graphs.is_ready(i, end):
+        if decode_only and graphs.is_ready(i, end):
+            run.h, states = graphs.run(run.h, positions, meta, kv_caches, i, end)
+            if cap is not None:
+                kept.extend(states.index_select(1, cap).unbind(0))
+        elif not decode_only and cap is None and graphs.serves_prompts(i, end):  # prefill chunks
+            run.h = graphs.run_prompts(run.h, positions, meta, kv_caches, i, end)
+        else:
             break
-        run.h, states = graphs.run(run.h, positions, meta, kv_caches, i, end)
-        if cap is not None:
-            kept.extend(states.index_select(1, cap).unbind(0))
         i = end
         if i in run.exit_at and run.pending:
             run.exit_test(i)
