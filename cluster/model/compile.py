@@ -227,7 +227,7 @@ class DecodeGraphs:
         # eagerly; a model with dense_prefill's copies keeps running them eagerly)
         self._prompts = torch.compile(prompts, dynamic=True, options=self.options)
         self.prompts_ready: set[tuple[int, int]] = set()  # segments compiled by warm_up for prompts
-        self._dense_prefill = bool(getattr(model.config, "dense_prefill", False))
+        self._dense_prefill = model.config.dense_prefill
 
         norm, lm_head = model.model.norm, model.lm_head
 
