@@ -25,13 +25,13 @@ sequence's result can differ in the last bits between batch 1 and larger batches
 
 An iteration with prompt tokens (prefill chunks, with or without decode rows beside them) runs the
 same segments as *prompt graphs* (:meth:`DecodeGraphs.run_prompts`, ``T`` tokens, dynamic; one
-token runs padded to two): the dense halves of every layer compiled, the KV write and paged attention of the
-iteration as one operator opaque to the compiler (:func:`write_kv_and_attend`: its Python loop
+token runs padded to two): the dense halves of every layer compiled, the KV write and paged
+attention of the iteration as one operator opaque to the compiler (:func:`write_kv_and_attend`: its Python loop
 over the chunks runs eagerly inside the graph, reading the iteration's metadata from a context
 variable). Prompts are where the int4 template gains most: 16 chat prompts (1136 tokens) prefill
-in 1.25-1.7 s instead of 3.6 s (SmolLM2-135M, 2 threads). The template's rows do not depend on
-the row count, so a prompt's answer is the same whether its prefill was chunked, batched or a
-prefix-cache tail. A model with ``dense_prefill``'s bfloat16 copies keeps its prompts eager.
+in 1.25-1.7 s instead of 3.6 s (SmolLM2-135M, 2 threads). The prompt graph's rows do not depend
+on the row count, so a repeated request's answer is bitwise the same whether its prefill was
+chunked or a prefix-cache tail (tests/test_compile.py). A model with ``dense_prefill``'s bfloat16 copies keeps its prompts eager.
 Iterations with rows joining mid-decoder or leaving after an exit run eagerly.
 
 Shapes: ``D`` (decode rows) and ``W`` (block-table width) are dynamic; Dynamo specializes sizes 0
